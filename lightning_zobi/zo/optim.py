@@ -16,6 +16,7 @@ A rule sees only ``(seed, g)`` pairs; a rule that needs past directions regenera
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -24,8 +25,14 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_zobi.zo.directions import DirectionKey, Directions, GaussianDirections
-from lightning_zobi.zo.estimators import ESTIMATORS, Closure, Estimate, reduce_mean
+from lightning_zobi.zo.directions import (
+    DirectionKey,
+    Directions,
+    GaussianDirections,
+    LowRankDirections,
+    SparseDirections,
+)
+from lightning_zobi.zo.estimators import ESTIMATORS, Closure, Estimate, evaluate, reduce_mean
 
 
 class NonFiniteLossError(RuntimeError):
@@ -257,3 +264,541 @@ def build_optimizer(name: str, params: Iterable[Any], **kwargs: Any) -> ZOOptimi
     except KeyError:
         raise ValueError(f"optimizer={name!r} is not a known ZO rule; choose one of {sorted(OPTIMIZERS)}.") from None
     return cls(params, **kwargs)
+
+
+
+# ====================================================================== the rule family
+# Every rule below is registered in OPTIMIZERS (end of file) and takes the base's keyword
+# arguments (lr, eps, weight_decay, queries, difference, seed, max_nonfinite) plus its own.
+
+
+def _set_group_defaults(opt: Optimizer, **defaults: Any) -> None:
+    """Add rule hyper-parameters to ``opt.defaults`` and to every group that lacks them."""
+    opt.defaults.update(defaults)
+    for group in opt.param_groups:
+        for name, value in defaults.items():
+            group.setdefault(name, value)
+
+
+def _check_beta(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name}={value!r} is invalid: use a float in [0, 1) (0.9 is the usual choice).")
+
+
+def _reject_directions(rule: str, kwargs: dict[str, Any]) -> None:
+    if kwargs.get("directions") is not None:
+        raise TypeError(f"{rule} builds its own direction family; drop the directions= argument.")
+    kwargs.pop("directions", None)
+
+
+class ZOSGDMomentum(ZOOptimizer):
+    """ZO-SGD with heavy-ball momentum: ``b ← μ·b + (1 − τ)·ĝ``, ``θ ← θ − lr·b``.
+
+    ``ĝ = mean_k g_k z_k`` is MeZO's estimate; the buffer follows ``torch.optim.SGD``'s convention
+    (``momentum`` μ, ``dampening`` τ; the first step sets ``b = ĝ``), so with μ = 0.9 and τ = 0 the
+    effective step is ~10× ``lr``. Momentum averages the independent directions of successive steps,
+    which lowers the variance of the update; see "Revisiting Zeroth-Order Optimization for
+    Memory-Efficient LLM Fine-Tuning: A Benchmark" (Zhang et al., arXiv 2402.11592), which
+    benchmarks ZO-SGD-MMT.
+
+    Memory: one buffer per parameter (1× the trainable parameters, in their dtype).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-6,
+        eps: float = 1e-3,
+        weight_decay: float = 0.0,
+        *,
+        momentum: float = 0.9,
+        dampening: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        _check_beta("momentum", momentum)
+        if not isinstance(dampening, (int, float)) or not 0.0 <= dampening <= 1.0:
+            raise ValueError(
+                f"dampening={dampening!r} is invalid: use a float in [0, 1] (0 is torch's default)."
+            )
+        super().__init__(params, lr, eps, weight_decay, **kwargs)
+        _set_group_defaults(self, momentum=float(momentum), dampening=float(dampening))
+
+    def apply_rule(self, param: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        buf = state.get("momentum_buffer")
+        if buf is None:
+            buf = state["momentum_buffer"] = grad.clone()
+        else:
+            buf.mul_(group["momentum"]).add_(grad, alpha=1.0 - group["dampening"])
+        param.add_(buf, alpha=-group["lr"])
+
+
+class ZOSign(ZOOptimizer):
+    """ZO-signSGD: ``θ ← θ − lr · sign(ĝ)``.
+
+    From "signSGD via Zeroth-Order Oracle" (Liu, Chen, Chen, Hong, ICLR 2019). Every coordinate
+    moves by exactly ``lr``, whatever the magnitude of the projected gradient, which makes the
+    step robust to the heavy-tailed ``g`` of a noisy two-point estimate (and to a badly scaled
+    loss); ``lr`` is therefore an absolute step size (try 1e-5..1e-3, far above ZO-SGD's).
+
+    Memory: none beyond one parameter-sized temporary.
+    """
+
+    def apply_rule(self, param: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        param.add_(grad.sign_(), alpha=-group["lr"])
+
+
+class ZOAdam(ZOOptimizer):
+    """ZO-Adam: Adam's moments on the ZO estimate ``ĝ`` (ZO-AdaMM).
+
+    From "ZO-AdaMM: Zeroth-Order Adaptive Momentum Method for Black-Box Optimization"
+    (Chen et al., NeurIPS 2019, arXiv 1910.06513), as benchmarked for LLM fine-tuning in
+    arXiv 2402.11592. ``m ← β₁m + (1−β₁)ĝ``, ``v ← β₂v + (1−β₂)ĝ²``, bias-corrected,
+    ``θ ← θ − lr·m̂/(√v̂ + adam_eps)``. ``adam_eps`` is Adam's denominator guard, distinct from the
+    perturbation scale ``eps``.
+
+    Memory: two buffers per parameter, **2× the trainable parameters** (as first-order Adam),
+    which removes much of ZO's memory advantage on full fine-tuning; prefer it with LoRA.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-6,
+        eps: float = 1e-3,
+        weight_decay: float = 0.0,
+        *,
+        betas: tuple[float, float] | list[float] = (0.9, 0.999),
+        adam_eps: float = 1e-8,
+        **kwargs: Any,
+    ) -> None:
+        if len(betas) != 2:
+            raise ValueError(
+                f"betas={betas!r} is invalid: pass two floats (beta1, beta2), e.g. (0.9, 0.999)."
+            )
+        _check_beta("betas[0]", betas[0])
+        _check_beta("betas[1]", betas[1])
+        if not isinstance(adam_eps, (int, float)) or not adam_eps > 0:
+            raise ValueError(f"adam_eps={adam_eps!r} is invalid: use a float > 0 (1e-8 is Adam's default).")
+        super().__init__(params, lr, eps, weight_decay, **kwargs)
+        _set_group_defaults(self, betas=(float(betas[0]), float(betas[1])), adam_eps=float(adam_eps))
+
+    def apply_rule(self, param: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        beta1, beta2 = group["betas"]
+        if "exp_avg" not in state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(param)
+            state["exp_avg_sq"] = torch.zeros_like(param)
+        state["step"] += 1
+        t = state["step"]
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        denom = (exp_avg_sq / (1.0 - beta2**t)).sqrt_().add_(group["adam_eps"])
+        param.addcdiv_(exp_avg, denom, value=-group["lr"] / (1.0 - beta1**t))
+
+
+class ZOSGDCons(ZOOptimizer):
+    """ZO-SGD-Cons: a conservative ZO-SGD step that never accepts a higher loss.
+
+    As benchmarked in "Revisiting Zeroth-Order Optimization for Memory-Efficient LLM Fine-Tuning:
+    A Benchmark" (Zhang et al., arXiv 2402.11592): after the estimate, the losses at
+    ``θ − lr·ĝ`` and ``θ + lr·ĝ`` are evaluated (2 extra forwards per step) and the step keeps the
+    lowest of those two and the loss at ``θ`` (for central differences the reference is the mean
+    of ``L(θ±εz)``, ``L(θ) + O(ε²)``; for forward differences it is ``L(θ)`` exactly). A wrong-sign
+    estimate is thus turned around and a harmful one rejected. Weight decay, if any, is applied
+    as a decoupled shrink before the comparison. :attr:`last_choice` is -1 (descent), +1 (ascent
+    direction) or 0 (stayed).
+
+    Cost: 4 forwards per step with one central query (2 + 2). Memory: none extra.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._closure: Closure | None = None
+        self.last_choice = 0
+
+    def step(self, closure: Closure | None = None) -> float:  # type: ignore[override]
+        self._closure = closure
+        try:
+            return super().step(closure)
+        finally:
+            self._closure = None
+
+    def _move(self, estimate: Estimate, multiple: float) -> None:
+        """``θ += multiple · lr · ĝ`` (per-group lr), regenerating the directions."""
+        q = len(estimate.keys)
+        for index, p, group in self._indexed():
+            for key, g in zip(estimate.keys, estimate.projected_grads, strict=True):
+                p.add_(self.directions.sample(p, index, key), alpha=multiple * group["lr"] * g / q)
+
+    def _loss_here(self) -> float:
+        assert self._closure is not None
+        with _no_graph([*self._params(), *self.no_grad_params]):
+            loss = evaluate(self._closure)
+        return loss if math.isfinite(loss) else math.inf
+
+    def _update(self, estimate: Estimate) -> None:
+        self._restore(estimate)
+        for group in self.param_groups:
+            if group["weight_decay"]:
+                for p in group["params"]:
+                    p.mul_(1.0 - group["lr"] * group["weight_decay"])
+        self._move(estimate, -1.0)
+        loss_minus = self._loss_here()
+        self._move(estimate, 2.0)
+        loss_plus = self._loss_here()
+        candidates = {0: estimate.loss, -1: loss_minus, 1: loss_plus}
+        choice = min(candidates, key=lambda c: (candidates[c], abs(c)))
+        if choice != 1:
+            self._move(estimate, float(choice - 1))
+        self.last_choice = choice
+
+
+class LOZO(ZOOptimizer):
+    """LOZO: ZO-SGD with low-rank directions ``U Vᵀ`` and lazy sampling of ``V``.
+
+    From "Enhancing Zeroth-order Fine-tuning for Language Models with Low-rank Structures"
+    (Chen, Zhang, Cao, Yuan, Wen; ICLR 2025; arXiv 2410.07698). For each ``m×n`` weight the
+    direction is ``U Vᵀ`` with ``U`` (``m×r``) resampled every step and ``V`` (``n×r``) every
+    ``nu`` steps (:class:`~lightning_zobi.zo.directions.LowRankDirections`); the estimate is the
+    paper's unbiased ``ĝ = g · U Vᵀ / r`` and ``θ ← θ − lr·ĝ``. Other parameters use dense
+    Gaussian directions and plain ZO-SGD. Restore and update are fused into one ``addmm_`` per
+    weight, so no dense ``m×n`` direction is formed.
+
+    Memory: none kept; one ``(m + n)·r`` pair of factors at a time.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-6,
+        eps: float = 1e-3,
+        weight_decay: float = 0.0,
+        *,
+        rank: int = 2,
+        nu: int = 50,
+        **kwargs: Any,
+    ) -> None:
+        _reject_directions(type(self).__name__, kwargs)
+        super().__init__(params, lr, eps, weight_decay, directions=LowRankDirections(rank, nu), **kwargs)
+
+    @property
+    def lowrank(self) -> LowRankDirections:
+        assert isinstance(self.directions, LowRankDirections)
+        return self.directions
+
+    def _restore_and_decay(self, p: Tensor, index: int, group: dict[str, Any], estimate: Estimate) -> float:
+        """Restore ``p`` if weight decay forces it; return the restore scale still to fuse (else 0)."""
+        if estimate.pending is None:
+            return 0.0
+        key, scale = estimate.pending
+        if not group["weight_decay"]:
+            return scale
+        self.lowrank.add_direction_(p, index, key, scale)
+        p.mul_(1.0 - group["lr"] * group["weight_decay"])
+        return 0.0
+
+    def _update(self, estimate: Estimate) -> None:
+        d = self.lowrank
+        q = len(estimate.keys)
+        for index, p, group in self._indexed():
+            fused_restore = self._restore_and_decay(p, index, group, estimate)
+            alphas: dict[DirectionKey, float] = {}
+            for key, g in zip(estimate.keys, estimate.projected_grads, strict=True):
+                alphas[key] = alphas.get(key, 0.0) - group["lr"] * g * d.grad_scale(p) / q
+            if fused_restore and estimate.pending is not None:
+                pending_key = estimate.pending[0]
+                alphas[pending_key] = alphas.get(pending_key, 0.0) + fused_restore
+            for key, alpha in alphas.items():
+                d.add_direction_(p, index, key, alpha)
+
+
+class LOZOM(LOZO):
+    """LOZO-M: LOZO with momentum kept in the small factor space.
+
+    From arXiv 2410.07698 (Chen et al., ICLR 2025). Within a lazy period ``V`` is fixed, so the
+    momentum of a weight is ``N Vᵀ`` with ``N`` (``m×r``):
+    ``N ← β·N + (1−β)·mean_k g_k U_k`` and ``θ ← θ − lr · N Vᵀ / r``. When ``V`` is resampled the
+    old momentum is carried into the new subspace as ``N ← N (V_oldᵀ V_new) / n`` (both ``V``
+    regenerated from their seeds). Non-matrix parameters keep a dense EMA buffer of ``ĝ``.
+
+    Memory: ``m·r`` per 2-D weight (e.g. 0.4 % of a 4096×4096 weight at r=8) plus the full size of
+    the non-matrix parameters (biases, norms); the factors ``V`` are never stored.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-6,
+        eps: float = 1e-3,
+        weight_decay: float = 0.0,
+        *,
+        rank: int = 2,
+        nu: int = 50,
+        beta: float = 0.9,
+        **kwargs: Any,
+    ) -> None:
+        _check_beta("beta", beta)
+        super().__init__(params, lr, eps, weight_decay, rank=rank, nu=nu, **kwargs)
+        _set_group_defaults(self, beta=float(beta))
+
+    def _update(self, estimate: Estimate) -> None:
+        d = self.lowrank
+        q = len(estimate.keys)
+        step = estimate.keys[0].step
+        period = d.period(step)
+        for index, p, group in self._indexed():
+            if estimate.pending is not None:
+                d.add_direction_(p, index, *estimate.pending)
+            if group["weight_decay"]:
+                p.mul_(1.0 - group["lr"] * group["weight_decay"])
+            beta, state = group["beta"], self.state[p]
+            if d.is_matrix(p):
+                v = d.v_factor(p, index, self.seed, period)
+                n_buf = state.get("lozo_n")
+                if n_buf is None:
+                    n_buf = torch.zeros(p.shape[0], d.rank, dtype=p.dtype, device=p.device)
+                elif state["lozo_period"] != period:
+                    v_old = d.v_factor(p, index, self.seed, state["lozo_period"])
+                    n_buf = n_buf @ (v_old.T @ v) / p.shape[1]
+                n_buf.mul_(beta)
+                for key, g in zip(estimate.keys, estimate.projected_grads, strict=True):
+                    n_buf.add_(d.u_factor(p, index, key), alpha=(1.0 - beta) * g / q)
+                state["lozo_n"], state["lozo_period"] = n_buf, period
+                p.addmm_(n_buf, v.T, alpha=-group["lr"] / d.rank)
+            else:
+                grad = torch.zeros_like(p)
+                for key, g in zip(estimate.keys, estimate.projected_grads, strict=True):
+                    grad.add_(d.sample(p, index, key), alpha=g / q)
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf = state["momentum_buffer"] = torch.zeros_like(p)
+                buf.mul_(beta).add_(grad, alpha=1.0 - beta)
+                p.add_(buf, alpha=-group["lr"])
+
+
+class SparseZO(ZOSGD):
+    """Sparse ZO-SGD: perturb and update only a sparse mask of each tensor (Sparse-MeZO).
+
+    From "Sparse MeZO: Less Parameters for Better Performance in Zeroth-Order LLM Fine-Tuning"
+    (Liu et al., arXiv 2402.15751): with ``mask="magnitude"`` only the ``density`` fraction of
+    smallest-magnitude entries of each tensor is perturbed, the threshold being recomputed from
+    the clean weights at every step; ``mask="random"`` uses a seeded Bernoulli mask per step
+    instead. Directions: :class:`~lightning_zobi.zo.directions.SparseDirections`; the update is
+    ZO-SGD's fused pass.
+
+    Memory: ``mask="magnitude"``: 1 bit per parameter during a step, freed after it (nothing
+    between steps); ``mask="random"``: none.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-6,
+        eps: float = 1e-3,
+        weight_decay: float = 0.0,
+        *,
+        density: float = 0.25,
+        mask: str = "magnitude",
+        **kwargs: Any,
+    ) -> None:
+        _reject_directions(type(self).__name__, kwargs)
+        directions = SparseDirections(density=density, mask=mask)
+        super().__init__(params, lr, eps, weight_decay, directions=directions, **kwargs)
+
+    def step(self, closure: Closure | None = None) -> float:  # type: ignore[override]
+        sparse = self.directions
+        assert isinstance(sparse, SparseDirections)
+        with torch.no_grad():
+            sparse.begin_step(self._params(), self.zo_step)
+        try:
+            return super().step(closure)
+        finally:
+            sparse.end_step()
+
+
+def _split_fo_groups(
+    params: Iterable[Any], fo_params: str | None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
+    """Split param groups into (ZO groups, FO groups, FO names) by a ``fo`` flag or a name regex."""
+    items = list(params)
+    if not items:
+        return [], [], []
+    groups = [dict(g) for g in items] if isinstance(items[0], dict) else [{"params": items}]
+    pattern = re.compile(fo_params) if fo_params is not None else None
+    zo_groups, fo_groups, fo_names = [], [], []
+    for group in groups:
+        tensors = list(group.pop("params"))
+        names = group.pop("param_names", None)
+        if tensors and isinstance(tensors[0], tuple):
+            names, tensors = [n for n, _ in tensors], [t for _, t in tensors]
+        whole_group_fo = bool(group.pop("fo", False))
+        if whole_group_fo:
+            is_fo = [True] * len(tensors)
+        elif pattern is not None:
+            if names is None:
+                raise ValueError(
+                    f"fo_params={fo_params!r} needs parameter names: pass model.named_parameters() (or groups "
+                    "with 'param_names'), or mark the first-order group with {'params': [...], 'fo': True}."
+                )
+            is_fo = [pattern.search(n) is not None for n in names]
+        else:
+            is_fo = [False] * len(tensors)
+        fo_part = [t for t, f in zip(tensors, is_fo, strict=True) if f]
+        zo_part = [t for t, f in zip(tensors, is_fo, strict=True) if not f]
+        if names is not None:
+            fo_names += [n for n, f in zip(names, is_fo, strict=True) if f]
+        if fo_part:
+            fo_groups.append({"params": fo_part})
+        if zo_part:
+            zo_groups.append({**group, "params": zo_part})
+    return zo_groups, fo_groups, fo_names
+
+
+class ZOFOHybrid(ZOOptimizer):
+    """ZO on most parameters, first-order AdamW on a small chosen subset (head, LoRA, norms).
+
+    In the spirit of the ZO/FO hybrids of "Revisiting Zeroth-Order Optimization for
+    Memory-Efficient LLM Fine-Tuning: A Benchmark" (arXiv 2402.11592) and ZOFO-style fine-tuning:
+    a step first runs **one** forward+backward with only the FO subset requiring grad and updates
+    it with ``torch.optim.AdamW`` (``fo_lr``), then runs the usual ZO-SGD step (2 forwards, no
+    graph) on the rest. Choose the subset with ``fo_params`` (a regex over parameter names; pass
+    ``model.named_parameters()`` or groups with ``param_names``) or a group ``{"fo": True}``.
+    LR schedulers act on the ZO groups (``param_groups``); the FO rate is ``fo_lr``.
+
+    The closure must return the loss *with* its autograd graph (plain PyTorch does); a closure that
+    returns a detached loss (Lightning's automatic-optimization closure under ``_skip_backward``)
+    is refused with a clear error.
+
+    Memory: the FO subset's gradients (during the step) and AdamW's two moments (2× the FO subset),
+    plus the activations autograd keeps for the backward through that subset: little for a head at
+    the end of the network (only its input), close to first-order training when the subset is
+    spread over all layers (LoRA in every block). The ZO part costs nothing extra.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-6,
+        eps: float = 1e-3,
+        weight_decay: float = 0.0,
+        *,
+        fo_params: str | None = None,
+        fo_lr: float = 1e-3,
+        fo_weight_decay: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        if fo_params is not None and not isinstance(fo_params, str):
+            raise TypeError(
+                f"fo_params={fo_params!r} must be a regex string over parameter names (e.g. 'lm_head')."
+            )
+        if not isinstance(fo_lr, (int, float)) or fo_lr <= 0:
+            raise ValueError(
+                f"fo_lr={fo_lr!r} is invalid: the first-order AdamW rate must be > 0 (e.g. 1e-3)."
+            )
+        zo_groups, fo_groups, fo_names = _split_fo_groups(params, fo_params)
+        if not fo_groups:
+            raise ValueError(
+                f"ZOFOHybrid got no first-order parameters (fo_params={fo_params!r}): give a regex that matches "
+                "some parameter names, or a param group with 'fo': True. For pure ZO use 'zo_sgd'."
+            )
+        if not zo_groups:
+            raise ValueError(
+                f"fo_params={fo_params!r} matched every parameter, leaving nothing for ZO; use a narrower "
+                "regex, or torch.optim.AdamW for pure first-order training."
+            )
+        super().__init__(zo_groups, lr, eps, weight_decay, **kwargs)
+        self.fo_optimizer = torch.optim.AdamW(fo_groups, lr=fo_lr, weight_decay=fo_weight_decay)
+        self.fo_names = fo_names
+        self.last_fo_loss: float | None = None
+
+    def fo_parameters(self) -> list[Tensor]:
+        return [p for g in self.fo_optimizer.param_groups for p in g["params"]]
+
+    def _first_order_step(self, closure: Closure) -> None:
+        fo = self.fo_parameters()
+        fo_ids = {id(p) for p in fo}
+        frozen = [
+            p for p in (*self._params(), *self.no_grad_params) if p.requires_grad and id(p) not in fo_ids
+        ]
+        for p in frozen:
+            p.requires_grad_(False)
+        for p in fo:
+            p.requires_grad_(True)
+        try:
+            self.fo_optimizer.zero_grad(set_to_none=True)
+            with torch.enable_grad():
+                loss = closure()
+                if not isinstance(loss, Tensor) or not loss.requires_grad:
+                    raise TypeError(
+                        "zo_fo_hybrid needs a closure returning the loss with its autograd graph for the "
+                        "first-order subset, but it got a detached loss (Lightning's closure detaches it when "
+                        "backward is skipped). Call opt.step(closure) from plain PyTorch, or use a pure ZO rule."
+                    )
+                self.last_fo_loss = float(loss.detach())
+                if math.isfinite(self.last_fo_loss):
+                    loss.backward()
+            if math.isfinite(self.last_fo_loss):
+                self.fo_optimizer.step()
+        finally:
+            self.fo_optimizer.zero_grad(set_to_none=True)
+            for p in frozen:
+                p.requires_grad_(True)
+
+    def step(self, closure: Closure | None = None) -> float:  # type: ignore[override]
+        if closure is None:
+            return super().step(closure)  # raises the base's clear error
+        self._first_order_step(closure)
+        fo = [p for p in self.fo_parameters() if p.requires_grad]
+        for p in fo:
+            p.requires_grad_(False)
+        try:
+            return super().step(closure)
+        finally:
+            for p in fo:
+                p.requires_grad_(True)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["fo_optimizer"] = self.fo_optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        fo_state = state_dict.pop("fo_optimizer", None)
+        super().load_state_dict(state_dict)
+        if fo_state is not None:
+            self.fo_optimizer.load_state_dict(fo_state)
+
+
+def extra_state_bytes(optimizer: Optimizer) -> int:
+    """Bytes of tensors an optimizer keeps between steps (its state; the FO part's for the hybrid)."""
+
+    def tensors_bytes(obj: Any) -> int:
+        if isinstance(obj, Tensor):
+            return obj.numel() * obj.element_size()
+        if isinstance(obj, dict):
+            return sum(tensors_bytes(v) for v in obj.values())
+        if isinstance(obj, (list, tuple)):
+            return sum(tensors_bytes(v) for v in obj)
+        return 0
+
+    total = sum(tensors_bytes(s) for s in optimizer.state.values())
+    fo = getattr(optimizer, "fo_optimizer", None)
+    if isinstance(fo, Optimizer):
+        total += extra_state_bytes(fo)
+    return total
+
+
+OPTIMIZERS.update(
+    {
+        "zo_sgd_momentum": ZOSGDMomentum,
+        "zo_sign": ZOSign,
+        "zo_adam": ZOAdam,
+        "zo_sgd_cons": ZOSGDCons,
+        "lozo": LOZO,
+        "lozo_m": LOZOM,
+        "sparse_zo": SparseZO,
+        "zo_fo_hybrid": ZOFOHybrid,
+    }
+)
