@@ -1,0 +1,212 @@
+"""First-order penalty solvers: the value-function penalty and the value-function-free single loop.
+
+Both replace ``min f(x, y) s.t. y ∈ argmin g(x, y)`` by a penalized single-level problem:
+
+* :class:`ValueFunctionPenalty` minimizes ``f(x, y) + γ (g(x, y) − v(x))`` with the value function
+  ``v(x) = min_z g(x, z)`` approximated by ``g(x, z)``, ``z`` a copy of the lower parameters that
+  tracks ``argmin g(x, ·)`` with ``K`` inner gradient steps per outer step (warm-started).
+* :class:`ValueFunctionFree` drops ``v`` and its inner loop: one update per step on ``f + γ g``.
+
+The penalty gap ``g(x, y) − g(x, z) ≥ 0`` measures how far ``y`` is from lower-level optimal.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_zobi.bilevel.problem import BilevelProblem, BilevelSolver, GammaSchedule, clear_grads, swapped
+
+
+class ValueFunctionPenalty(BilevelSolver):
+    """Value-function penalty with an inner copy ``z``: one outer step = ``K`` inner steps + 1 update.
+
+    Each step: (1) ``K`` gradient steps ``z ← z − β ∇_z g(x, z)`` on a copy of the lower
+    parameters only (warm-started from the previous step's ``z``); (2) one step of the given
+    first-order optimizer on ``x ∪ y`` with the gradient of
+    ``F_γ(x, y) = f(x, y) + γ (g(x, y) − g(x, z))``, ``z`` held fixed (Danskin: ``∇v(x) = ∇_x g(x, z*)``).
+    Where ``x`` and ``y`` overlap, a shared tensor is a lower variable inside ``g(x, z)`` and gets
+    no gradient from that term. With ``x = y`` (simple bilevel) the ``g(x, z)`` term has no
+    gradient and ``z`` only measures the gap.
+
+    Papers: Shen & Chen, "On Penalty-based Bilevel Gradient Descent Method" (PBGD, ICML 2023,
+    arXiv 2302.05185); Kwon, Kwon, Wright & Nowak, "On Penalty Methods for Nonconvex Bilevel
+    Optimization and First-Order Stochastic Approximation" (ICLR 2024, arXiv 2309.01753), whose
+    ``σ f + g − g(x, z)`` with ``σ = 1/γ`` is the same objective scaled by ``σ``. The solution of
+    ``F_γ`` is ``O(1/γ)`` from the bilevel one; the objective is ``~γ L_g``-smooth, so an SGD rate
+    must shrink like ``1/γ`` (Adam-type rates need not); ramp γ with :class:`GammaSchedule`.
+
+    Cost per step: ``K + 1`` forward+backward passes of ``g`` at ``(x, z)`` (the last one only
+    backpropagates into ``x ∖ y``) plus one of ``f + γ g`` at ``(x, y)``.
+    Memory: the copy ``z`` (one tensor per lower parameter, e.g. a LoRA adapter's size) and the
+    optimizer's own state; gradients of ``x ∪ y`` as in ordinary training (accumulated in place
+    through ``backward(inputs=...)``, no second gradient buffer).
+
+    Args:
+        problem: the bilevel problem.
+        optimizer: first-order optimizer over (at least) ``x ∪ y``; its groups and rates are used.
+        gamma: penalty constant (or a :class:`GammaSchedule`).
+        inner_steps: ``K``, inner steps on ``z`` per outer step (``>= 1``).
+        inner_lr: ``β``, the inner SGD step on ``z`` (about ``1/L_g``).
+        reset_inner: re-copy ``z ← y`` before each inner loop instead of warm-starting.
+        max_grad_norm: optional clipping of the ``x ∪ y`` gradient norm before the update.
+    """
+
+    name = "penalty"
+
+    def __init__(
+        self,
+        problem: BilevelProblem,
+        optimizer: torch.optim.Optimizer,
+        gamma: float | GammaSchedule = 10.0,
+        *,
+        inner_steps: int = 1,
+        inner_lr: float = 1e-2,
+        reset_inner: bool = False,
+        max_grad_norm: float | None = None,
+    ) -> None:
+        super().__init__(problem, gamma, max_grad_norm)
+        if not isinstance(inner_steps, int) or inner_steps < 1:
+            raise ValueError(
+                f"inner_steps={inner_steps!r} is invalid: the value-function penalty needs K >= 1."
+            )
+        if not isinstance(inner_lr, (int, float)) or not inner_lr > 0:
+            raise ValueError(
+                f"inner_lr={inner_lr!r} is invalid: use a float > 0 (about 1/L of the lower loss)."
+            )
+        joint = problem.joint_params
+        self._check_requires_grad(
+            joint, self._names_of(joint), "upper/lower", "Unfreeze them, or narrow upper_params/lower_params."
+        )
+        self._check_optimizer_covers(optimizer, joint, self._names_of(joint))
+        self.optimizer = optimizer
+        self.inner_steps = inner_steps
+        self.inner_lr = float(inner_lr)
+        self.reset_inner = reset_inner
+        self.z = [p.detach().clone() for p in problem.lower_params]
+
+    # ------------------------------------------------------------------ inner problem
+    def inner_loop(self, batch: Any) -> float:
+        """``K`` SGD steps on ``z`` for ``g(x, ·)``; returns ``g(x, z)`` before the last step."""
+        return _inner_loop(self.problem, self.z, batch, self.inner_steps, self.inner_lr, self.reset_inner)
+
+    def _step(self, batch: Any, gamma: float) -> dict[str, float]:
+        problem = self.problem
+        joint = problem.joint_params
+        clear_grads(joint)
+        self.inner_loop(batch)
+        # −γ ∇_{x∖y} g(x, z): accumulated straight into .grad of the upper-only tensors.
+        x_only = problem.upper_only_params
+        with swapped(problem.lower_params, self.z):
+            g_z = problem.lower(batch)
+            if x_only and gamma:
+                (-gamma * g_z).backward(inputs=x_only)
+        g_z_value = float(g_z.detach())
+        del g_z
+        f, g = problem.losses(batch)
+        (f + gamma * g).backward(inputs=joint)
+        self._clip(joint)
+        self.optimizer.step()
+        clear_grads(joint)
+        f_value, g_value = float(f.detach()), float(g.detach())
+        gap = g_value - g_z_value
+        return {"f": f_value, "g": g_value, "gap": gap, "gamma": gamma, "objective": f_value + gamma * gap}
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Step counter and the inner copy ``z`` (tensors, one per lower parameter)."""
+        return {**super().state_dict(), "z": [t.detach().clone() for t in self.z]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        _load_z(self.z, state["z"])
+
+
+class ValueFunctionFree(BilevelSolver):
+    """Value-function-free single loop (PBGD-Free): one update per step on ``f(x, y) + γ g(x, y)``.
+
+    Drops the value-function term ``−γ g(x, z)`` of the penalty and with it the inner loop and the
+    copy ``z``. Exact when ``∇_x v(x) = 0`` (e.g. simple bilevel, or ``v`` constant in ``x``);
+    otherwise it is biased by ``γ ∇v(x)``, which Jiang et al. show is negligible when the upper
+    objective is *flat* in the lower variable (their Hölder-type flatness condition, observed in
+    representation-learning LLM fine-tuning), so a small γ suffices.
+
+    Paper: Jiang, Xiao, Chen & Chen, "Beyond Value Functions: Single-Loop Bilevel Optimization
+    under Flatness Conditions" (NeurIPS 2025, arXiv 2507.20400).
+
+    Cost per step: one forward of ``f`` and ``g`` and one backward of ``f + γ g``: the cost of one
+    ordinary training step on two losses. Memory: nothing beyond first-order training (no ``z``).
+    The logged dict has no ``gap`` (there is no ``z`` to measure it).
+    """
+
+    name = "vf_free"
+
+    def __init__(
+        self,
+        problem: BilevelProblem,
+        optimizer: torch.optim.Optimizer,
+        gamma: float | GammaSchedule = 1.0,
+        *,
+        max_grad_norm: float | None = None,
+    ) -> None:
+        super().__init__(problem, gamma, max_grad_norm)
+        joint = problem.joint_params
+        self._check_requires_grad(
+            joint, self._names_of(joint), "upper/lower", "Unfreeze them, or narrow upper_params/lower_params."
+        )
+        self._check_optimizer_covers(optimizer, joint, self._names_of(joint))
+        self.optimizer = optimizer
+
+    def _step(self, batch: Any, gamma: float) -> dict[str, float]:
+        joint = self.problem.joint_params
+        clear_grads(joint)
+        f, g = self.problem.losses(batch)
+        objective = f + gamma * g
+        objective.backward(inputs=joint)
+        self._clip(joint)
+        self.optimizer.step()
+        clear_grads(joint)
+        f_value, g_value = float(f.detach()), float(g.detach())
+        return {"f": f_value, "g": g_value, "gamma": gamma, "objective": f_value + gamma * g_value}
+
+
+# ---------------------------------------------------------------------- shared by penalty and ZOFO
+def _inner_loop(
+    problem: BilevelProblem, z: list[Tensor], batch: Any, steps: int, lr: float, reset: bool
+) -> float:
+    """``steps`` SGD steps ``z ← z − lr ∇_z g(x, z)`` in place; returns the last ``g(x, z)`` evaluated."""
+    lower = problem.lower_params
+    if reset:
+        with torch.no_grad():
+            for t, p in zip(z, lower, strict=True):
+                t.copy_(p)
+    value = float("nan")
+    with swapped(lower, z):
+        for _ in range(steps):
+            clear_grads(lower)
+            g_z = problem.lower(batch)
+            g_z.backward(inputs=lower)
+            value = float(g_z.detach())
+            with torch.no_grad():
+                for p in lower:
+                    if p.grad is not None:
+                        p.add_(p.grad, alpha=-lr)  # p's storage is z here
+        clear_grads(lower)
+    return value
+
+
+def _load_z(z: list[Tensor], saved: list[Tensor]) -> None:
+    if len(saved) != len(z):
+        raise ValueError(
+            f"The checkpoint's inner copy z has {len(saved)} tensors but the lower level has {len(z)}: resume with "
+            "the same lower_params (and adapter) as the run that wrote it."
+        )
+    with torch.no_grad():
+        for t, s in zip(z, saved, strict=True):
+            if t.shape != s.shape:
+                raise ValueError(
+                    f"The checkpoint's z tensor has shape {tuple(s.shape)}, expected {tuple(t.shape)}."
+                )
+            t.copy_(s.to(device=t.device, dtype=t.dtype))
