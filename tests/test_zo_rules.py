@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -435,3 +437,114 @@ def test_nonfinite_losses_are_skipped_and_restore_for_lozo_m() -> None:
     opt.step(lambda: torch.tensor(math.nan))
     assert torch.allclose(w, before, atol=1e-6) and opt.nonfinite_total == 1
     assert "lozo_n" not in opt.state[w]
+
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes" / "zo_rules").glob("*.yaml"))
+
+
+def test_there_is_a_recipe_for_every_rule() -> None:
+    names = {p.stem for p in RECIPES}
+    assert set(RULES) - {"zo_fo_hybrid"} <= names and {"multi_query", "forward_difference"} <= names
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_recipe_parses_and_runs_a_few_zo_steps(recipe: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["zobi"])
+    import yaml
+    from lightning.pytorch.cli import LightningCLI
+
+    from lightning_zobi import ZeroOrder
+
+    cli = LightningCLI(
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        save_config_callback=None,
+        args=[
+            "fit",
+            "--config",
+            str(recipe),
+            "--trainer.max_steps=3",
+            "--trainer.limit_val_batches=0",
+            "--trainer.logger=false",
+            "--trainer.enable_checkpointing=false",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--data.init_args.num_people=8",
+            "--data.init_args.batch_size=4",
+        ],
+    )
+    callback = next(c for c in cli.trainer.callbacks if isinstance(c, ZeroOrder))
+    (zo,) = callback.zo_optimizers
+    expected = yaml.safe_load(recipe.read_text())["trainer"]["callbacks"][0]["init_args"]
+    assert isinstance(zo, OPTIMIZERS[expected["optimizer"]])
+    assert zo.zo_step == 3 and cli.trainer.global_step == 3
+    assert zo.queries == expected["queries"] and zo.difference == expected["difference"]
+    assert math.isfinite(zo.last_estimate.loss)
+
+
+def test_hybrid_runs_under_lightning_with_a_graph_loss_source(tmp_path: Path) -> None:
+    """An FO group flagged in configure_optimizers + a graph-loss hook: the hybrid trains under Lightning."""
+    import lightning.pytorch as pl
+
+    from lightning_zobi import ZeroOrder
+
+    class Regression(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Linear(6, 8)
+            self.head = nn.Linear(8, 1)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return ((self.head(torch.tanh(self.body(x))) - y) ** 2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(
+                [{"params": self.body.parameters()}, {"params": self.head.parameters(), "fo": True}], lr=1e-3
+            )
+
+    class CaptureGraphLoss(pl.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            holder: dict = {}
+            step = pl_module.training_step
+
+            def training_step(*args, **kwargs):
+                holder["loss"] = step(*args, **kwargs)
+                return holder["loss"]
+
+            pl_module.training_step = training_step
+            for zo in trainer.callbacks[0].zo_optimizers:
+                zo.graph_loss_source = lambda: holder.pop("loss", None)
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 6, generator=gen)
+    y = x[:, :1] * 2.0
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64)
+    torch.manual_seed(0)
+    module = Regression()
+    head_before = module.head.weight.detach().clone()
+    body_before = module.body.weight.detach().clone()
+    with torch.no_grad():
+        start = float(((module.head(torch.tanh(module.body(x))) - y) ** 2).mean())
+    zero_order = ZeroOrder(optimizer="zo_fo_hybrid", lr=1e-3, optimizer_kwargs={"fo_lr": 0.05})
+    trainer = pl.Trainer(
+        max_steps=30,
+        callbacks=[zero_order, CaptureGraphLoss()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, loader)
+    (zo,) = zero_order.zo_optimizers
+    assert isinstance(zo, ZOFOHybrid) and zo.fo_parameters() == list(module.head.parameters())
+    assert not torch.equal(module.head.weight, head_before) and not torch.equal(
+        module.body.weight, body_before
+    )
+    assert module.head.weight.grad is None
+    with torch.no_grad():
+        end = float(((module.head(torch.tanh(module.body(x))) - y) ** 2).mean())
+    assert end < 0.5 * start

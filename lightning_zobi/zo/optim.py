@@ -666,9 +666,11 @@ class ZOFOHybrid(ZOOptimizer):
     ``model.named_parameters()`` or groups with ``param_names``) or a group ``{"fo": True}``.
     LR schedulers act on the ZO groups (``param_groups``); the FO rate is ``fo_lr``.
 
-    The closure must return the loss *with* its autograd graph (plain PyTorch does); a closure that
-    returns a detached loss (Lightning's automatic-optimization closure under ``_skip_backward``)
-    is refused with a clear error.
+    The first-order pass needs the loss *with* its autograd graph. A plain PyTorch closure returns
+    it; Lightning's automatic-optimization closure returns a detached copy, so a wrapper sets
+    :attr:`graph_loss_source` to a callable giving the graph-carrying loss of the latest closure
+    call (e.g. captured from ``training_step``'s output). Without either, the step is refused with
+    a clear error.
 
     Memory: the FO subset's gradients (during the step) and AdamW's two moments (2× the FO subset),
     plus the activations autograd keeps for the backward through that subset: little for a head at
@@ -712,6 +714,7 @@ class ZOFOHybrid(ZOOptimizer):
         self.fo_names = fo_names
         self.last_fo_loss: float | None = None
 
+        self.graph_loss_source: Callable[[], Tensor | None] | None = None
     def fo_parameters(self) -> list[Tensor]:
         return [p for g in self.fo_optimizer.param_groups for p in g["params"]]
 
@@ -730,10 +733,13 @@ class ZOFOHybrid(ZOOptimizer):
             with torch.enable_grad():
                 loss = closure()
                 if not isinstance(loss, Tensor) or not loss.requires_grad:
+                if (not isinstance(loss, Tensor) or not loss.requires_grad) and self.graph_loss_source:
+                    loss = self.graph_loss_source()
                     raise TypeError(
-                        "zo_fo_hybrid needs a closure returning the loss with its autograd graph for the "
-                        "first-order subset, but it got a detached loss (Lightning's closure detaches it when "
-                        "backward is skipped). Call opt.step(closure) from plain PyTorch, or use a pure ZO rule."
+                        "zo_fo_hybrid needs the loss with its autograd graph for the first-order subset, but "
+                        "the closure returned a detached loss (Lightning's closure detaches it when backward "
+                        "is skipped) and no graph_loss_source gave one. Call opt.step(closure) from plain "
+                        "PyTorch, set opt.graph_loss_source, or use a pure ZO rule."
                     )
                 self.last_fo_loss = float(loss.detach())
                 if math.isfinite(self.last_fo_loss):
