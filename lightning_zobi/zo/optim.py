@@ -713,8 +713,8 @@ class ZOFOHybrid(ZOOptimizer):
         self.fo_optimizer = torch.optim.AdamW(fo_groups, lr=fo_lr, weight_decay=fo_weight_decay)
         self.fo_names = fo_names
         self.last_fo_loss: float | None = None
-
         self.graph_loss_source: Callable[[], Tensor | None] | None = None
+
     def fo_parameters(self) -> list[Tensor]:
         return [p for g in self.fo_optimizer.param_groups for p in g["params"]]
 
@@ -732,9 +732,9 @@ class ZOFOHybrid(ZOOptimizer):
             self.fo_optimizer.zero_grad(set_to_none=True)
             with torch.enable_grad():
                 loss = closure()
-                if not isinstance(loss, Tensor) or not loss.requires_grad:
                 if (not isinstance(loss, Tensor) or not loss.requires_grad) and self.graph_loss_source:
                     loss = self.graph_loss_source()
+                if not isinstance(loss, Tensor) or not loss.requires_grad:
                     raise TypeError(
                         "zo_fo_hybrid needs the loss with its autograd graph for the first-order subset, but "
                         "the closure returned a detached loss (Lightning's closure detaches it when backward "
