@@ -61,7 +61,7 @@ def evaluate(closure: Closure) -> float:
                 f"The closure returned a tensor of shape {tuple(loss.shape)}; a ZO step needs a scalar loss. "
                 "Reduce it (e.g. loss.mean()) before returning."
             )
-        return float(loss.detach().float())
+        return float(loss.detach())
     if isinstance(loss, (int, float)):
         return float(loss)
     raise TypeError(f"The closure returned {type(loss).__name__}; a ZO step needs a scalar loss (Tensor or float).")

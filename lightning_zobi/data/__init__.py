@@ -1,0 +1,1 @@
+"""Data the package generates or that a dependency ships (no dataset hub)."""

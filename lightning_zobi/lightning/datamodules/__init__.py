@@ -1,0 +1,1 @@
+"""Datamodules for the data sets the package makes offline."""

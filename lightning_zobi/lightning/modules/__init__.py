@@ -1,0 +1,1 @@
+"""Ready LightningModules (one file per model family)."""
