@@ -154,6 +154,7 @@ class BilevelProblem:
         *,
         upper_key: str | None = None,
         lower_key: str | None = None,
+        split_batch: bool = False,
         step_fn: Callable[..., Any] | None = None,
     ) -> BilevelProblem:
         """Build the problem from a model, in the first of these ways that applies.
@@ -162,7 +163,9 @@ class BilevelProblem:
         2. ``upper_key``/``lower_key`` are given: the batch is a mapping (e.g. a Lightning
            ``CombinedLoader``) and ``f``/``g`` are the module's ordinary loss (``step_fn``, by default
            ``module.training_step``) on ``batch[upper_key]`` / ``batch[lower_key]``.
-        3. ``step_fn(batch)`` (by default ``module.training_step``) returns ``{"upper": f, "lower": g}``.
+        3. ``split_batch=True``: ``f``/``g`` are the module's ordinary loss on the first/second half of
+           each batch (split along dim 0): a held-out/train data split for any single-loss module.
+        4. ``step_fn(batch)`` (by default ``module.training_step``) returns ``{"upper": f, "lower": g}``.
 
         The parameter sets come from ``module.bilevel_parameters() -> {"upper": ..., "lower": ...}``
         when the module defines it (it wins), else from ``upper_params``/``lower_params`` (see
@@ -209,6 +212,15 @@ class BilevelProblem:
 
             def lower_loss(batch: Any) -> Tensor:
                 return holder.loss(_sub_batch(batch, lower_key, "lower_key"))
+
+        elif split_batch:
+            holder.require(type(module).__name__)
+
+            def upper_loss(batch: Any) -> Tensor:
+                return holder.loss(half_batch(batch, 0))
+
+            def lower_loss(batch: Any) -> Tensor:
+                return holder.loss(half_batch(batch, 1))
 
         else:
             holder.require(type(module).__name__)
@@ -283,6 +295,22 @@ class _StepHolder:
                 "tensor (or a dict with a 'loss' key)."
             )
         return out
+
+
+def half_batch(batch: Any, which: int) -> Any:
+    """The first (``which=0``) or second half of a batch along dim 0: tensors, or dicts/lists/tuples of them."""
+    if isinstance(batch, Tensor):
+        n = batch.shape[0] if batch.dim() else 0
+        if n < 2:
+            raise ValueError(
+                f"split_batch needs batches of at least 2 samples, got a tensor of shape {tuple(batch.shape)}."
+            )
+        return batch[: n // 2] if which == 0 else batch[n // 2 :]
+    if isinstance(batch, dict):
+        return {k: half_batch(v, which) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(half_batch(v, which) for v in batch)
+    return batch
 
 
 def _sub_batch(batch: Any, key: str, argument: str) -> Any:
