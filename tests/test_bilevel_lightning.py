@@ -48,7 +48,7 @@ def dummy_loader(n: int = 400) -> DataLoader:
     return DataLoader(TensorDataset(torch.zeros(n, 1)), batch_size=1)
 
 
-def penalty_callback() -> Bilevel:
+def penalty_callback(inner_optimizer: str = "sgd") -> Bilevel:
     return Bilevel(
         solver="penalty",
         gamma=GAMMA,
@@ -56,7 +56,8 @@ def penalty_callback() -> Bilevel:
         gamma_init=5.0,
         gamma_ramp_steps=100,
         inner_steps=5,
-        inner_lr=0.8,
+        inner_lr=0.8 if inner_optimizer == "sgd" else 0.05,
+        inner_optimizer=inner_optimizer,
         upper_params=r"q\.x$",
         lower_params=r"q\.y$",
     )
@@ -81,17 +82,20 @@ def test_penalty_fit_reaches_closed_form_and_logs() -> None:
     assert type(trainer.strategy.optimizers[0]) is torch.optim.SGD
 
 
-def test_penalty_resume_is_exact(tmp_path) -> None:
-    """100 steps + resume to 200 == 200 straight: z, γ position and momentum all come back."""
+@pytest.mark.parametrize("inner_optimizer", ["sgd", "adam"])
+def test_penalty_resume_is_exact(tmp_path, inner_optimizer: str) -> None:
+    """100 steps + resume to 200 == 200 straight: z (and its Adam state), γ position and momentum come back."""
     straight = QuadraticModule()
-    quiet_trainer(max_steps=200, callbacks=[penalty_callback()]).fit(straight, dummy_loader())
+    quiet_trainer(max_steps=200, callbacks=[penalty_callback(inner_optimizer)]).fit(straight, dummy_loader())
 
     first = QuadraticModule()
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=50, save_top_k=-1)
-    trainer = quiet_trainer(max_steps=100, callbacks=[penalty_callback(), ckpt], enable_checkpointing=True)
+    trainer = quiet_trainer(
+        max_steps=100, callbacks=[penalty_callback(inner_optimizer), ckpt], enable_checkpointing=True
+    )
     trainer.fit(first, dummy_loader())
     resumed = QuadraticModule()
-    callback = penalty_callback()
+    callback = penalty_callback(inner_optimizer)
     trainer = quiet_trainer(max_steps=200, callbacks=[callback], enable_checkpointing=False)
     trainer.fit(resumed, dummy_loader(), ckpt_path=str(tmp_path / "last.ckpt"))
     assert callback.solver is not None and callback.solver.step_count == 200

@@ -95,7 +95,7 @@ def test_zofo_tiny_llama_lora_reduces_both_losses() -> None:
     assert any(not torch.equal(a, b) for a, b in zip(lora_before, lora, strict=True))
     # Resume: the state holds z, the step and the ZO seed/step.
     state = solver.state_dict()
-    assert state["step"] == 12 and state["zo"]["zo"]["step"] == 12 and len(state["z"]) == len(lora)
+    assert state["step"] == 12 and state["zo"]["zo"]["step"] == 12 and len(state["inner"]["z"]) == len(lora)
 
 
 def test_zofo_rejects_overlapping_levels_and_frozen_adapter() -> None:

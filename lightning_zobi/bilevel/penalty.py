@@ -49,7 +49,8 @@ class ValueFunctionPenalty(BilevelSolver):
         optimizer: first-order optimizer over (at least) ``x ∪ y``; its groups and rates are used.
         gamma: penalty constant (or a :class:`GammaSchedule`).
         inner_steps: ``K``, inner steps on ``z`` per outer step (``>= 1``).
-        inner_lr: ``β``, the inner SGD step on ``z`` (about ``1/L_g``).
+        inner_lr: ``β``, the inner step on ``z`` (SGD: about ``1/L_g``).
+        inner_optimizer: ``"sgd"`` or ``"adam"`` for ``z`` (see :class:`InnerCopy`).
         reset_inner: re-copy ``z ← y`` before each inner loop instead of warm-starting.
         max_grad_norm: optional clipping of the ``x ∪ y`` gradient norm before the update.
     """
@@ -64,6 +65,7 @@ class ValueFunctionPenalty(BilevelSolver):
         *,
         inner_steps: int = 1,
         inner_lr: float = 1e-2,
+        inner_optimizer: str = "sgd",
         reset_inner: bool = False,
         max_grad_norm: float | None = None,
     ) -> None:
@@ -72,10 +74,6 @@ class ValueFunctionPenalty(BilevelSolver):
             raise ValueError(
                 f"inner_steps={inner_steps!r} is invalid: the value-function penalty needs K >= 1."
             )
-        if not isinstance(inner_lr, (int, float)) or not inner_lr > 0:
-            raise ValueError(
-                f"inner_lr={inner_lr!r} is invalid: use a float > 0 (about 1/L of the lower loss)."
-            )
         joint = problem.joint_params
         self._check_requires_grad(
             joint, self._names_of(joint), "upper/lower", "Unfreeze them, or narrow upper_params/lower_params."
@@ -83,20 +81,19 @@ class ValueFunctionPenalty(BilevelSolver):
         self._check_optimizer_covers(optimizer, joint, self._names_of(joint))
         self.optimizer = optimizer
         self.inner_steps = inner_steps
-        self.inner_lr = float(inner_lr)
-        self.reset_inner = reset_inner
-        self.z = [p.detach().clone() for p in problem.lower_params]
+        self.inner = InnerCopy(problem.lower_params, inner_optimizer, inner_lr, reset_inner)
 
     # ------------------------------------------------------------------ inner problem
-    def inner_loop(self, batch: Any) -> float:
-        """``K`` SGD steps on ``z`` for ``g(x, ·)``; returns ``g(x, z)`` before the last step."""
-        return _inner_loop(self.problem, self.z, batch, self.inner_steps, self.inner_lr, self.reset_inner)
+    @property
+    def z(self) -> list[Tensor]:
+        """The inner copy of the lower parameters."""
+        return self.inner.z
 
     def _step(self, batch: Any, gamma: float) -> dict[str, float]:
         problem = self.problem
         joint = problem.joint_params
         clear_grads(joint)
-        self.inner_loop(batch)
+        self.inner.run(problem, batch, self.inner_steps)
         # −γ ∇_{x∖y} g(x, z): accumulated straight into .grad of the upper-only tensors.
         x_only = problem.upper_only_params
         with swapped(problem.lower_params, self.z):
@@ -116,12 +113,12 @@ class ValueFunctionPenalty(BilevelSolver):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """Step counter and the inner copy ``z`` (tensors, one per lower parameter)."""
-        return {**super().state_dict(), "z": [t.detach().clone() for t in self.z]}
+        """Step counter, the inner copy ``z`` (one tensor per lower parameter) and its optimizer state."""
+        return {**super().state_dict(), "inner": self.inner.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        _load_z(self.z, state["z"])
+        self.inner.load_state_dict(state["inner"])
 
 
 class ValueFunctionFree(BilevelSolver):
@@ -173,40 +170,73 @@ class ValueFunctionFree(BilevelSolver):
 
 
 # ---------------------------------------------------------------------- shared by penalty and ZOFO
-def _inner_loop(
-    problem: BilevelProblem, z: list[Tensor], batch: Any, steps: int, lr: float, reset: bool
-) -> float:
-    """``steps`` SGD steps ``z ← z − lr ∇_z g(x, z)`` in place; returns the last ``g(x, z)`` evaluated."""
-    lower = problem.lower_params
-    if reset:
-        with torch.no_grad():
-            for t, p in zip(z, lower, strict=True):
-                t.copy_(p)
-    value = float("nan")
-    with swapped(lower, z):
-        for _ in range(steps):
-            clear_grads(lower)
-            g_z = problem.lower(batch)
-            g_z.backward(inputs=lower)
-            value = float(g_z.detach())
+INNER_OPTIMIZERS = ("sgd", "adam")
+
+
+class InnerCopy:
+    """The copy ``z`` of the lower parameters and its inner optimizer: ``z`` tracks ``argmin_z g(x, z)``.
+
+    ``inner_optimizer="sgd"``: ``z ← z − β ∇_z g(x, z)``, no extra state. ``"adam"``: torch's Adam
+    on ``z`` (two more lower-sized buffers), the better match when the lower level itself is trained
+    with Adam: with a weaker inner optimizer ``z`` falls behind ``y`` and the logged gap goes negative.
+    The gradient is taken by swapping ``z`` into the model (:func:`swapped`), so the model's own
+    forward is used. Memory: ``|y|`` for ``z`` (+ ``2|y|`` with Adam).
+    """
+
+    def __init__(
+        self, lower: list[Tensor], optimizer: str = "sgd", lr: float = 1e-2, reset: bool = False
+    ) -> None:
+        if optimizer not in INNER_OPTIMIZERS:
+            raise ValueError(
+                f"inner_optimizer={optimizer!r} is invalid: choose one of {list(INNER_OPTIMIZERS)}."
+            )
+        if not isinstance(lr, (int, float)) or not lr > 0:
+            raise ValueError(
+                f"inner_lr={lr!r} is invalid: use a float > 0 (SGD: about 1/L of the lower loss)."
+            )
+        self.lower = lower
+        self.reset = reset
+        self.z = [p.detach().clone() for p in lower]
+        opt_cls = torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam
+        self.optimizer = opt_cls(self.z, lr=float(lr))
+
+    def run(self, problem: BilevelProblem, batch: Any, steps: int) -> float:
+        """``steps`` inner steps on ``z`` for ``g(x, ·)``; returns the last ``g(x, z)`` evaluated."""
+        lower = self.lower
+        if self.reset:
             with torch.no_grad():
-                for p in lower:
-                    if p.grad is not None:
-                        p.add_(p.grad, alpha=-lr)  # p's storage is z here
-        clear_grads(lower)
-    return value
+                for t, p in zip(self.z, lower, strict=True):
+                    t.copy_(p)
+        value = float("nan")
+        with swapped(lower, self.z):
+            for _ in range(steps):
+                clear_grads(lower)
+                g_z = problem.lower(batch)
+                g_z.backward(inputs=lower)
+                value = float(g_z.detach())
+                for t, p in zip(self.z, lower, strict=True):
+                    t.grad = p.grad  # p's storage is z here
+                self.optimizer.step()
+                clear_grads(self.z)
+            clear_grads(lower)
+        return value
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"z": [t.detach().clone() for t in self.z], "optimizer": self.optimizer.state_dict()}
 
-def _load_z(z: list[Tensor], saved: list[Tensor]) -> None:
-    if len(saved) != len(z):
-        raise ValueError(
-            f"The checkpoint's inner copy z has {len(saved)} tensors but the lower level has {len(z)}: resume with "
-            "the same lower_params (and adapter) as the run that wrote it."
-        )
-    with torch.no_grad():
-        for t, s in zip(z, saved, strict=True):
-            if t.shape != s.shape:
-                raise ValueError(
-                    f"The checkpoint's z tensor has shape {tuple(s.shape)}, expected {tuple(t.shape)}."
-                )
-            t.copy_(s.to(device=t.device, dtype=t.dtype))
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state["z"]
+        if len(saved) != len(self.z):
+            raise ValueError(
+                f"The checkpoint's inner copy z has {len(saved)} tensors but the lower level has {len(self.z)}: "
+                "resume with the same lower_params (and adapter) as the run that wrote it."
+            )
+        with torch.no_grad():
+            for t, s in zip(self.z, saved, strict=True):
+                if t.shape != s.shape:
+                    raise ValueError(
+                        f"The checkpoint's z tensor has shape {tuple(s.shape)}, expected {tuple(t.shape)}."
+                    )
+                t.copy_(s.to(device=t.device, dtype=t.dtype))
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from lightning_zobi.bilevel.penalty import _inner_loop, _load_z
+from lightning_zobi.bilevel.penalty import InnerCopy
 from lightning_zobi.bilevel.problem import BilevelProblem, BilevelSolver, GammaSchedule, clear_grads, swapped
 from lightning_zobi.zo.optim import ZOOptimizer, build_optimizer
 
@@ -44,7 +44,7 @@ class BilevelZOFO(BilevelSolver):
         optimizer: first-order optimizer over (at least) the lower params.
         gamma: penalty constant (or a :class:`GammaSchedule`).
         inner_steps: ``K`` inner first-order steps per ZO step (``>= 1``).
-        inner_lr: ``β``, SGD step of the copy ``z``.
+        inner_lr: ``β``, step of the copy ``z``; inner_optimizer: ``"sgd"`` or ``"adam"`` for it.
         zo_optimizer: a ZO rule name from :data:`lightning_zobi.zo.OPTIMIZERS` or a built
             :class:`~lightning_zobi.zo.ZOOptimizer` over the upper params.
         zo_lr, eps, queries, difference, seed, max_nonfinite, zo_kwargs: passed to the ZO rule.
@@ -62,6 +62,7 @@ class BilevelZOFO(BilevelSolver):
         *,
         inner_steps: int = 1,
         inner_lr: float = 1e-2,
+        inner_optimizer: str = "sgd",
         zo_optimizer: str | ZOOptimizer = "zo_sgd",
         zo_lr: float = 1e-6,
         eps: float = 1e-3,
@@ -77,10 +78,6 @@ class BilevelZOFO(BilevelSolver):
         if not isinstance(inner_steps, int) or inner_steps < 1:
             raise ValueError(
                 f"inner_steps={inner_steps!r} is invalid: Bilevel ZOFO needs K >= 1 inner steps."
-            )
-        if not isinstance(inner_lr, (int, float)) or not inner_lr > 0:
-            raise ValueError(
-                f"inner_lr={inner_lr!r} is invalid: use a float > 0 (about 1/L of the lower loss)."
             )
         lower_ids = {id(p) for p in problem.lower_params}
         shared = [
@@ -119,15 +116,18 @@ class BilevelZOFO(BilevelSolver):
         # No autograd graph through the adapter during the ZO forwards either.
         self.zo.no_grad_params = list(problem.lower_params)
         self.inner_steps = inner_steps
-        self.inner_lr = float(inner_lr)
-        self.reset_inner = reset_inner
-        self.z = [p.detach().clone() for p in problem.lower_params]
+        self.inner = InnerCopy(problem.lower_params, inner_optimizer, inner_lr, reset_inner)
+
+    @property
+    def z(self) -> list[torch.Tensor]:
+        """The inner copy of the adapter."""
+        return self.inner.z
 
     def _step(self, batch: Any, gamma: float) -> dict[str, float]:
         problem = self.problem
         lower = problem.lower_params
         for _ in range(self.inner_steps):
-            _inner_loop(problem, self.z, batch, 1, self.inner_lr, self.reset_inner)
+            self.inner.run(problem, batch, 1)
             clear_grads(lower)
             f, g = problem.losses(batch)
             (f + gamma * g).backward(inputs=lower)
@@ -152,9 +152,9 @@ class BilevelZOFO(BilevelSolver):
 
     def state_dict(self) -> dict[str, Any]:
         """Step counter, the adapter copy ``z`` and the ZO rule's state (run seed, ZO step)."""
-        return {**super().state_dict(), "z": [t.detach().clone() for t in self.z], "zo": self.zo.state_dict()}
+        return {**super().state_dict(), "inner": self.inner.state_dict(), "zo": self.zo.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        _load_z(self.z, state["z"])
+        self.inner.load_state_dict(state["inner"])
         self.zo.load_state_dict(state["zo"])

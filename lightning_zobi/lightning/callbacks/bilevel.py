@@ -94,7 +94,9 @@ class Bilevel(Callback):
         gamma_init: start of the ramp (default ``gamma / 100``).
         gamma_ramp_steps: steps of the ramp.
         inner_steps: ``K``, inner steps per step (penalty: on ``z``; zofo: on ``z`` and the adapter).
-        inner_lr: SGD step of the inner copy ``z`` (about ``1/L`` of the lower loss).
+        inner_lr: step of the inner copy ``z`` (SGD: about ``1/L`` of the lower loss).
+        inner_optimizer: ``"sgd"`` or ``"adam"`` for ``z``; match the module's optimizer family so
+            ``z`` keeps up with ``y`` (a negative logged gap says it does not).
         upper_params, lower_params: parameter sets ``x``/``y``: ``"trainable"``, ``"lora"``,
             ``"base"`` (non-LoRA), ``"all"`` or a regex over names; ``None`` picks the solver's
             default (penalty/vf_free: trainable/trainable; zofo: base/lora). A module's
@@ -119,6 +121,7 @@ class Bilevel(Callback):
         gamma_ramp_steps: int = 1000,
         inner_steps: int = 1,
         inner_lr: float = 1e-2,
+        inner_optimizer: str = "sgd",
         upper_params: str | None = None,
         lower_params: str | None = None,
         upper_key: str | None = None,
@@ -145,6 +148,7 @@ class Bilevel(Callback):
         self.solver_name = solver
         self.inner_steps = inner_steps
         self.inner_lr = inner_lr
+        self.inner_optimizer = inner_optimizer
         default_upper, default_lower = _DEFAULT_PARAMS[solver]
         self.upper_params = upper_params if upper_params is not None else default_upper
         self.lower_params = lower_params if lower_params is not None else default_lower
@@ -221,7 +225,12 @@ class Bilevel(Callback):
         common: dict[str, Any] = dict(gamma=self.schedule, max_grad_norm=float(clip) if clip else None)
         if self.solver_name == "vf_free":
             return SOLVERS["vf_free"](self.problem, optimizer, **common)
-        common.update(inner_steps=self.inner_steps, inner_lr=self.inner_lr, reset_inner=self.reset_inner)
+        common.update(
+            inner_steps=self.inner_steps,
+            inner_lr=self.inner_lr,
+            inner_optimizer=self.inner_optimizer,
+            reset_inner=self.reset_inner,
+        )
         if self.solver_name == "penalty":
             return SOLVERS["penalty"](self.problem, optimizer, **common)
         return SOLVERS["zofo"](self.problem, optimizer, **common, **self.zo_args)
