@@ -2,12 +2,15 @@
 
 Any LightningModule / LightningDataModule can be named by ``class_path`` in a recipe; callbacks
 such as ``lightning_zobi.ZeroOrder`` go in ``trainer.callbacks`` or on the command line
-(``--trainer.callbacks+=lightning_zobi.ZeroOrder --trainer.callbacks.lr=1e-4``).
+(``--trainer.callbacks+=lightning_zobi.ZeroOrder --trainer.callbacks.lr=1e-4``). Checkpoints are
+written atomically (:class:`~lightning_zobi.lightning.checkpoint_io.AtomicCheckpointIO`).
 """
 
 from __future__ import annotations
 
 from lightning.pytorch.cli import LightningCLI
+
+from lightning_zobi.lightning.checkpoint_io import AtomicCheckpointIO
 
 
 def main(args: list[str] | None = None) -> None:
@@ -18,6 +21,7 @@ def main(args: list[str] | None = None) -> None:
         save_config_kwargs={"overwrite": True},
         args=args,
         auto_configure_optimizers=False,
+        trainer_defaults={"plugins": [AtomicCheckpointIO()]},
     )
 
 

@@ -7,6 +7,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import AutoTokenizer, ByT5Tokenizer, PreTrainedTokenizerBase
 
 from lightning_zobi.data.facts import FactsSplits, QAPair, make_splits
@@ -87,8 +88,9 @@ class FactsDataModule(pl.LightningDataModule):
         self.splits: FactsSplits = make_splits(num_people, forget_fraction, holdout_fraction, seed)
 
     def _loader(self, pairs: list[QAPair], shuffle: bool) -> DataLoader:
+        """A ``StatefulDataLoader``: its position and shuffle order go into checkpoints (exact mid-epoch resume)."""
         dataset = QADataset(pairs, self.tokenizer, self.hparams.max_length)
-        return DataLoader(
+        return StatefulDataLoader(
             dataset, batch_size=self.hparams.batch_size, shuffle=shuffle, num_workers=self.hparams.num_workers
         )
 
