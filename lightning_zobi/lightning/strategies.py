@@ -1,0 +1,225 @@
+"""``ZODDPStrategy`` ("zo_ddp"): data-parallel ZO training that sends one float per query, not gradients.
+
+How it hooks into Lightning, and why there. Lightning's ``DDPStrategy`` launches the processes
+(``torchrun``-style subprocesses, spawn or fork), sets up the process group and the distributed
+sampler, then wraps the module in ``DistributedDataParallel`` so that ``backward`` all-reduces
+gradients. A ZO step has no backward and no gradient: ranks stay identical when they start from
+the same parameters and apply the same seeded directions with the same projected gradients. So
+this strategy keeps everything of ``DDPStrategy`` but :meth:`setup`, which
+
+1. does **not** wrap the module (``self.model`` stays the LightningModule: no buckets, no hooks,
+   no extra memory);
+2. broadcasts rank 0's parameters and buffers once, and checks them;
+
+and :meth:`optimizer_step`, which before every step attaches each ZO optimizer (those of
+``ZeroOrder`` / ``QZO``, and the Bilevel ZOFO upper level) to a
+:class:`~lightning_zobi.zo.distributed.ZODataParallel`: its ``grad_reducer`` becomes an
+all-reduce mean of the ``q`` projected gradients (``query_seeds="shared"``), or each rank
+evaluates its own ``q`` of ``N·q`` queries and the values are all-gathered (``"per_rank"``). First-order
+optimizers the strategy holds (the Bilevel ZOFO adapter's, the ZO/FO hybrid's head) average their
+gradients inside their ``step``. Every ``check_every`` steps a bit checksum of every parameter is
+compared across ranks and a divergence stops the run naming the first differing parameter.
+
+Paper: MeZO, "Fine-Tuning Language Models with Just Forward Passes" (Malladi et al., arXiv
+2305.17333), whose seed trick makes the scalar exchange possible.
+Memory: none beyond the single-process ZO step (no DDP buckets, no gradients).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.strategies import _StrategyRegistry
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import nn
+from torch.optim import Optimizer
+
+from lightning_zobi.zo.distributed import QUERY_SEEDS, ZODataParallel
+from lightning_zobi.zo.optim import ZOOptimizer
+
+
+def find_zo_optimizers(trainer: pl.Trainer) -> list[Optimizer]:
+    """Every optimizer the strategy must keep rank-consistent.
+
+    The strategy's own optimizers (after ``ZeroOrder``/``QZO`` swapped in their ZO rules; a
+    wrapper's ``inner`` optimizer), the ``zo_optimizers`` a callback exposes, and the ZO rule of a
+    callback's ``solver`` (the Bilevel ZOFO upper level).
+    """
+    found: dict[int, Optimizer] = {}
+
+    def add(opt: Any) -> None:
+        if isinstance(opt, LightningOptimizer):
+            opt = opt._optimizer
+        if isinstance(opt, Optimizer) and id(opt) not in found:
+            found[id(opt)] = opt
+            add(getattr(opt, "inner", None))
+
+    for opt in trainer.strategy.optimizers:
+        add(opt)
+    for cb in trainer.callbacks:  # type: ignore[attr-defined]
+        for opt in getattr(cb, "zo_optimizers", None) or []:
+            add(opt)
+        add(getattr(getattr(cb, "solver", None), "zo", None))
+    return list(found.values())
+
+
+class ZODDPStrategy(DDPStrategy):
+    """Multi-process ZO training that all-reduces projected gradients (one float per query).
+
+    ``Trainer(strategy="zo_ddp", devices=N, callbacks=[ZeroOrder(...)])``, or
+    ``zobi fit ... --trainer.strategy=zo_ddp``. Launches like ``"ddp"`` (also registered:
+    ``"zo_ddp_spawn"``, ``"zo_ddp_fork"``, and ``"zo_ddp_per_rank"`` for per-rank query seeds), uses
+    the distributed sampler, never wraps the module in ``DistributedDataParallel``.
+
+    Args:
+        query_seeds: ``"shared"``: all ranks use the same directions and average their ``g``
+            (N ranks at per-rank batch ``b`` = one process at batch ``N·b``); ``"per_rank"``: rank
+            ``r`` uses its own queries and the ``g`` are all-gathered (an ``N·q``-query estimate
+            at the cost of ``q``).
+        check_every: compare a bit checksum of all parameters across ranks every this many
+            optimizer steps (``0`` disables; also checked once after the initial broadcast).
+        start_method: ``"popen"`` (re-runs the script per rank, as ``torchrun``), ``"spawn"``,
+            ``"fork"``.
+        accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
+        process_group_backend, timeout: as for Lightning's ``DDPStrategy``.
+
+    Attributes:
+        bytes_per_step: payload bytes this rank sent in ZO exchanges during the latest optimizer
+            step (``8 × queries`` per ZO optimizer).
+        check_bytes_total / fo_bytes_total: bytes of parameter checks / first-order averages.
+
+    Memory: none beyond single-process ZO. Communication: ``8·q`` bytes per step, plus ``8·P``
+    bytes (``P`` tensors) every ``check_every`` steps.
+    """
+
+    def __init__(
+        self,
+        accelerator: pl.accelerators.Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: ClusterEnvironment | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision_plugin: Precision | None = None,
+        query_seeds: Literal["shared", "per_rank"] = "shared",
+        check_every: int = 100,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+    ) -> None:
+        if query_seeds not in QUERY_SEEDS:
+            raise ValueError(f"query_seeds={query_seeds!r} is invalid: choose one of {list(QUERY_SEEDS)}.")
+        if not isinstance(check_every, int) or check_every < 0:
+            raise ValueError(
+                f"check_every={check_every!r} is invalid: use an integer >= 0 (steps between parameter "
+                "checks; 0 disables them)."
+            )
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+        )
+        self.query_seeds = query_seeds
+        self.check_every = check_every
+        self.sync: ZODataParallel | None = None
+        self.bytes_per_step = 0
+        self.steps_taken = 0
+
+    @property
+    def check_bytes_total(self) -> int:
+        return self.sync.check_bytes_total if self.sync else 0
+
+    @property
+    def fo_bytes_total(self) -> int:
+        return self.sync.fo_bytes_total if self.sync else 0
+
+    def setup(self, trainer: pl.Trainer) -> None:
+        """DDP's set-up without the ``DistributedDataParallel`` wrapper; parameters broadcast once."""
+        assert self.accelerator is not None and self.model is not None
+        self.accelerator.setup(trainer)
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if fitting and self._layer_sync:
+            self.model = self._layer_sync.apply(self.model)
+        self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        self.sync = ZODataParallel(self.query_seeds)
+        self.sync.broadcast_parameters(self.model)
+        if self.check_every:
+            self.sync.check_parameters(self.model.named_parameters(), step=0)
+        if fitting:
+            self.setup_optimizers(trainer)
+            for opt in self.optimizers:  # module optimizers: FO ones average their grads
+                self.sync.attach(opt)
+        self.setup_precision_plugin()
+        if fitting:
+            _optimizers_to_device(self.optimizers, self.root_device)
+
+    def configure_ddp(self) -> None:
+        raise RuntimeError("ZODDPStrategy never wraps the module in DistributedDataParallel.")
+
+    def optimizer_step(
+        self,
+        optimizer: Optimizer,
+        closure: Callable[[], Any],
+        model: pl.LightningModule | nn.Module | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Attach new ZO optimizers, step, count the bytes sent, and check agreement every K steps."""
+        assert self.sync is not None, "ZODDPStrategy.setup() has not run"
+        trainer = self.lightning_module.trainer
+        zo_found = False
+        for opt in find_zo_optimizers(trainer):
+            self.sync.attach(opt)
+            zo_found = zo_found or isinstance(opt, ZOOptimizer)
+        if not zo_found and self.steps_taken == 0:
+            pl.utilities.rank_zero_warn(
+                "strategy='zo_ddp' found no ZO optimizer (add the ZeroOrder callback); first-order gradients are "
+                "averaged inside optimizer.step, which is slower than strategy='ddp'."
+            )
+        before = self.sync.zo_bytes_total
+        output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        self.bytes_per_step = self.sync.zo_bytes_total - before
+        self.steps_taken += 1
+        if self.check_every and self.steps_taken % self.check_every == 0:
+            self.sync.check_parameters(self.lightning_module.named_parameters(), step=self.steps_taken)
+        return output
+
+    def check_parameters(self) -> None:
+        """Compare every parameter across ranks now (raises ``ParameterDivergenceError``)."""
+        assert self.sync is not None and self.model is not None
+        self.sync.check_parameters(self.model.named_parameters(), step=self.steps_taken)
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        entries = (("zo_ddp", "popen"), ("zo_ddp_spawn", "spawn"), ("zo_ddp_fork", "fork"))
+        for name, start_method in entries:
+            if name not in strategy_registry:
+                strategy_registry.register(
+                    name,
+                    cls,
+                    description=f"ZO data parallel (scalar all-reduce), start_method={start_method!r}",
+                    start_method=start_method,
+                )
+        if "zo_ddp_per_rank" not in strategy_registry:
+            strategy_registry.register(
+                "zo_ddp_per_rank",
+                cls,
+                description="ZO data parallel with per-rank query seeds (N ranks = N-query estimate)",
+                query_seeds="per_rank",
+            )
+
+
+ZODDPStrategy.register_strategies(StrategyRegistry)

@@ -1,0 +1,120 @@
+"""Worker of tests/test_zo_ddp.py, launched as ``torchrun --nproc_per_node=2 _zo_ddp_worker.py OUT SCENARIO...``.
+
+Each scenario fits a tiny regression module under ``ZODDPStrategy`` (gloo, CPU) and writes this
+rank's final parameters and the strategy's counters to ``OUT/<scenario>_rank<r>.json``. The same
+module, data and ZO settings are used by the test's single-process reference run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_zobi.lightning.callbacks.zero_order import ZeroOrder
+from lightning_zobi.lightning.strategies import ZODDPStrategy
+from lightning_zobi.zo.distributed import ParameterDivergenceError
+
+warnings.filterwarnings("ignore")
+
+STEPS = 6
+PER_RANK_BATCH = 4
+ZO_ARGS = dict(lr=0.05, eps=1e-3, queries=2, seed=3)
+
+
+class Regression(pl.LightningModule):
+    """MSE (a mean over the batch) of a 2-layer MLP; plain SGD as configured optimizer."""
+
+    def __init__(self, init_seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(init_seed)
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def loader(batch_size: int) -> DataLoader:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 8, generator=gen, dtype=torch.float64)
+    y = torch.tanh(x @ torch.randn(8, 1, generator=gen, dtype=torch.float64))
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+def trainer(strategy: object, devices: int, callbacks: list) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        precision="64-true",
+        max_steps=STEPS,
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+    )
+
+
+def params_of(module: nn.Module) -> dict[str, list[float]]:
+    return {n: p.detach().double().flatten().tolist() for n, p in module.named_parameters()}
+
+
+class _BreakRank1(pl.Callback):
+    """Corrupts one parameter on rank 1 only, to prove the agreement check catches it."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_rank == 1 and batch_idx == 1:
+            with torch.no_grad():
+                pl_module.net[2].bias.add_(1e-3)
+
+
+def run(scenario: str) -> dict:
+    rank = int(os.environ["RANK"])
+    # Rank 1 starts from other weights: the strategy's initial broadcast must fix that.
+    module = Regression(init_seed=0 if rank == 0 else 123)
+    callbacks: list = []
+    if scenario in ("shared", "per_rank", "diverge"):
+        callbacks.append(ZeroOrder(**ZO_ARGS))
+    if scenario == "diverge":
+        callbacks.append(_BreakRank1())
+    query_seeds = "per_rank" if scenario == "per_rank" else "shared"
+    strategy = ZODDPStrategy(query_seeds=query_seeds, check_every=1 if scenario == "diverge" else 2)
+    t = trainer(strategy, 2, callbacks)
+    out: dict = {"scenario": scenario}
+    try:
+        t.fit(module, loader(PER_RANK_BATCH))
+    except ParameterDivergenceError as err:
+        out["error"] = str(err)
+    out["rank"] = rank
+    out["params"] = params_of(module)
+    out["bytes_per_step"] = strategy.bytes_per_step
+    out["check_bytes_total"] = strategy.check_bytes_total
+    out["fo_bytes_total"] = strategy.fo_bytes_total
+    out["steps"] = strategy.steps_taken
+    zo = [cb for cb in callbacks if isinstance(cb, ZeroOrder)]
+    if zo and zo[0].zo_optimizers and zo[0].zo_optimizers[0].last_estimate is not None:
+        out["last_queries"] = [k.query for k in zo[0].zo_optimizers[0].last_estimate.keys]
+    return out
+
+
+def main(out_dir: str, scenarios: list[str]) -> None:
+    for scenario in scenarios:
+        result = run(scenario)
+        Path(out_dir, f"{scenario}_rank{os.environ['RANK']}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])

@@ -1,0 +1,203 @@
+"""ZODDPStrategy on CPU/gloo with 2 processes (torchrun): scalars cross the wire, ranks stay identical.
+
+One torchrun launch (``_zo_ddp_worker.py``) runs four fits per rank; the assertions compare the
+ranks with each other and with single-process references computed here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _zo_ddp_worker as worker  # noqa: E402
+
+from lightning_zobi.lightning.callbacks.zero_order import ZeroOrder  # noqa: E402
+from lightning_zobi.lightning.strategies import ZODDPStrategy  # noqa: E402
+from lightning_zobi.zo.distributed import ZODataParallel, tensor_checksum  # noqa: E402
+from lightning_zobi.zo.optim import ZOSGD, build_optimizer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SCENARIOS = ("shared", "per_rank", "diverge", "fo")
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, int], dict]:
+    out = tmp_path_factory.mktemp("zo_ddp")
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(Path(__file__).parent / "_zo_ddp_worker.py"),
+        str(out),
+        *SCENARIOS,
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return {(s, r): json.loads((out / f"{s}_rank{r}.json").read_text()) for s in SCENARIOS for r in (0, 1)}
+
+
+def _tensors(result: dict) -> dict[str, torch.Tensor]:
+    return {n: torch.tensor(v, dtype=torch.float64) for n, v in result["params"].items()}
+
+
+def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], **tol: float) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], **tol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("scenario", ["shared", "per_rank", "fo"])
+def test_ranks_end_bit_identical(ranks, scenario):
+    r0, r1 = ranks[scenario, 0], ranks[scenario, 1]
+    assert "error" not in r0 and "error" not in r1
+    assert r0["steps"] == r1["steps"] == worker.STEPS
+    assert r0["params"] == r1["params"]  # exact float equality, element by element
+
+
+def _flat_params(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().double().flatten() for n, p in module.named_parameters()}
+
+
+def _rank_batches(step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each rank's batch at ``step``, as Lightning's DistributedSampler (shuffled, seed 0) deals them."""
+    dataset = worker.loader(worker.PER_RANK_BATCH).dataset
+    b = worker.PER_RANK_BATCH
+    out = []
+    for rank in (0, 1):
+        order = list(DistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=True, seed=0))
+        out.append(dataset[order[step * b : (step + 1) * b]])
+    return out
+
+
+def test_shared_seeds_two_ranks_equal_one_process_double_batch(ranks):
+    """Mean over ranks of g(batch b) = g(batch 2b) when the loss is a batch mean: same parameters."""
+    batches = [_rank_batches(step) for step in range(worker.STEPS)]
+    union = [(torch.cat([b0[0], b1[0]]), torch.cat([b0[1], b1[1]])) for b0, b1 in batches]
+    module = worker.Regression(init_seed=0)
+    trainer = worker.trainer("auto", 1, [ZeroOrder(**worker.ZO_ARGS)])
+    trainer.fit(module, DataLoader(union, batch_size=None))
+    reference = _flat_params(module)
+    start = _flat_params(worker.Regression(init_seed=0))
+    _assert_close(_tensors(ranks["shared", 1]), reference, rtol=1e-9, atol=1e-12)
+    assert any((reference[n] - start[n]).abs().max() > 1e-3 for n in start), "the run must actually train"
+
+
+def test_per_rank_seeds_are_an_n_query_estimate(ranks):
+    """Rank r's queries on rank r's half-batch, all applied: a 4-query step from 2 queries per rank."""
+    assert ranks["per_rank", 0]["last_queries"] == [0, 1, 2, 3]
+    module = worker.Regression(init_seed=0)
+    args = {**worker.ZO_ARGS, "queries": 2 * worker.ZO_ARGS["queries"]}
+    opt = ZOSGD(module.double().parameters(), **args)
+    q = worker.ZO_ARGS["queries"]
+    for step in range(worker.STEPS):
+        batches = _rank_batches(step)
+        calls = iter(range(4 * q))
+
+        def closure(batches=batches, calls=calls):
+            x, y = batches[(next(calls) // 2) // q]  # queries 2r, 2r+1 are evaluated by rank r
+            return nn.functional.mse_loss(module.net(x), y)
+
+        opt.step(closure)
+    got = _tensors(ranks["per_rank", 0])
+    _assert_close(got, _flat_params(module), rtol=1e-9, atol=1e-12)
+    shared = _tensors(ranks["shared", 0])
+    assert any(not torch.allclose(got[n], shared[n]) for n in got)
+
+
+@pytest.mark.parametrize("scenario", ["shared", "per_rank"])
+def test_bytes_per_step_at_most_eight_per_query(ranks, scenario):
+    for rank in (0, 1):
+        sent = ranks[scenario, rank]["bytes_per_step"]
+        assert 0 < sent <= 8 * worker.ZO_ARGS["queries"]
+        assert ranks[scenario, rank]["fo_bytes_total"] == 0
+
+
+def test_divergence_is_caught_and_names_the_parameter(ranks):
+    for rank in (0, 1):
+        err = ranks["diverge", rank]["error"]
+        assert "'net.2.bias'" in err and "after step 3" in err and "1 tensor(s) differ" in err
+
+
+def test_first_order_optimizers_average_gradients(ranks):
+    """Without ZeroOrder, optimizer.step averages .grad: 2 ranks at b = plain SGD at 2b."""
+    module = worker.Regression(init_seed=0).double()
+    opt = module.configure_optimizers()
+    for step in range(worker.STEPS):
+        opt.zero_grad()
+        loss = sum(nn.functional.mse_loss(module.net(x), y) for x, y in _rank_batches(step)) / 2
+        loss.backward()
+        opt.step()
+    _assert_close(_tensors(ranks["fo", 0]), _flat_params(module), rtol=1e-9, atol=1e-12)
+    assert ranks["fo", 0]["bytes_per_step"] == 0 and ranks["fo", 0]["fo_bytes_total"] > 0
+
+
+# ---------------------------------------------------------------------- in-process checks
+def test_registered_and_selected_by_name():
+    trainer = pl.Trainer(strategy="zo_ddp", accelerator="cpu", devices=2, logger=False)
+    assert type(trainer.strategy) is ZODDPStrategy and trainer.strategy.query_seeds == "shared"
+    per_rank = pl.Trainer(strategy="zo_ddp_per_rank", accelerator="cpu", devices=2, logger=False)
+    assert per_rank.strategy.query_seeds == "per_rank"
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="query_seeds='every'"):
+        ZODDPStrategy(query_seeds="every")
+    with pytest.raises(ValueError, match="check_every=-1"):
+        ZODDPStrategy(check_every=-1)
+
+
+def test_checksum_sees_one_ulp():
+    t = torch.randn(1000)
+    before = tensor_checksum(t)
+    t[417] = torch.nextafter(t[417], torch.tensor(10.0))
+    assert tensor_checksum(t) != before
+    assert tensor_checksum(torch.ones(3, dtype=torch.bfloat16)).dtype == torch.int64
+
+
+@pytest.fixture
+def world_of_one(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_one_rank_per_rank_mode_is_plain_zo(world_of_one):
+    """With one process the wrapper changes nothing: same parameters, 8 bytes per query."""
+    torch.manual_seed(0)
+    a, b = nn.Linear(4, 1), nn.Linear(4, 1)
+    b.load_state_dict(a.state_dict())
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    plain = build_optimizer("zo_sgd", a.parameters(), lr=0.1, queries=3, seed=1)
+    synced = build_optimizer("zo_sgd", b.parameters(), lr=0.1, queries=3, seed=1)
+    sync = ZODataParallel(query_seeds="per_rank")
+    sync.attach(synced)
+    for _ in range(3):
+        plain.step(lambda: nn.functional.mse_loss(a(x), y))
+        synced.step(lambda: nn.functional.mse_loss(b(x), y))
+    assert torch.equal(a.weight, b.weight) and sync.zo_bytes_total == 3 * 3 * 8
+
+
+def test_conservative_rule_is_refused(world_of_one):
+    opt = build_optimizer("zo_sgd_cons", nn.Linear(2, 1).parameters())
+    with pytest.raises(ValueError, match="zo_sgd_cons"):
+        ZODataParallel().attach(opt)
