@@ -1,0 +1,650 @@
+"""Fused ZO perturbation: Gaussian directions drawn inside a Triton kernel and applied in place.
+
+The torch path (:class:`~lightning_zobi.zo.directions.GaussianDirections`) regenerates ``z`` for
+one tensor with ``torch.randn`` and then adds it: the direction is written to memory and read
+back, and every parameter tensor costs a few kernel launches. Here one Triton kernel per pass
+(over *all* parameter tensors of a dtype at once) draws ``z`` from a counter-based Philox-4x32
+generator keyed by the tensor's seed and the element's position, and computes
+``θ ← β·θ + a·z_a (+ b·z_b)`` in registers: ``z`` never exists in memory, a pass is one read and
+one write of the parameters. Two directions in one pass let :class:`FusedZOSGD` fold the restore,
+the update *and* the next step's ``+εz`` into a single pass, so a central-difference ZO-SGD step
+costs 2 forwards + 2 parameter passes (MeZO's code: 4 passes, each with a ``torch.normal``).
+
+Randomness: Philox-4x32 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11) with
+``rounds`` rounds (10, as cuRAND's ``Philox4_32_10``), key = the 64-bit seed that
+``DirectionKey.seed_for(index)`` derives (:func:`~lightning_zobi.zo.directions.derive_seed`, as the
+torch path), counter = (position of a 4-element group, 0, 0); its four 32-bit words become four
+standard normals by Box-Muller on 24-bit uniforms in (0, 1) (so |z| ≤ 5.9). Element ``e`` of a
+tensor takes word ``(e mod 4096) // 1024`` of counter ``1024·(e // 4096) + e mod 1024``: the
+direction depends only on (seed, element position), never on the launch or the other tensors.
+The values differ from ``torch.randn``'s, so switching path mid-run changes the directions (not
+the algorithm); within a path they are bit-reproducible.
+
+On CPU the same kernel runs in Triton's interpreter (slow, for tests); ``fused=None`` picks the
+fused path only for CUDA parameters.
+
+Memory: no direction tensor at all; per pass a table of 7 int64 per tensor, and a cached map of
+one int32 per 4096 parameter elements (0.1 ‰ of the parameter bytes in bf16).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from lightning_zobi.zo.directions import DirectionKey, Directions, derive_seed
+from lightning_zobi.zo.estimators import Closure, Estimate
+from lightning_zobi.zo.optim import ZOSGD, ZOOptimizer
+
+try:  # Triton is optional: the torch path needs none of it.
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised on machines without triton
+    triton = None  # type: ignore[assignment]
+    tl = None  # type: ignore[assignment]
+    HAS_TRITON = False
+
+SUB = 1024
+"""Philox counters per program; a program covers ``4 * SUB`` elements (part of the direction format)."""
+BLOCK = 4 * SUB
+NUM_WARPS = 8
+"""Warps per program (a speed knob only: values do not depend on it)."""
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_MASK32 = 0xFFFFFFFF
+_MASK64 = (1 << 64) - 1
+_MASK63 = (1 << 63) - 1
+
+
+# ---------------------------------------------------------------------------------------- kernel
+def _zo_axpby_src(
+    x0_ptr,
+    block_tensor_ptr,
+    meta_ptr,
+    scal_ptr,
+    NSTREAM: tl.constexpr,
+    LOAD_X: tl.constexpr,
+    F64: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    RNE_BF16: tl.constexpr,
+    ROUNDS: tl.constexpr,
+    SUB: tl.constexpr,
+):
+    """``x ← β·x + α_a·z(seed_a) [+ α_b·z(seed_b)]`` (NSTREAM directions) over many tensors, one program per 4·SUB elements.
+
+    ``meta[t] = (offset of tensor t from x0 in elements, numel, first program)``;
+    ``scal[t] = (seed_a lo, seed_a hi, seed_b lo, seed_b hi, α_a, α_b, β)`` (floats as float64 bits).
+    """
+    pid = tl.program_id(0)
+    t = tl.load(block_tensor_ptr + pid).to(tl.int64)
+    base = tl.load(meta_ptr + t * 3)
+    n = tl.load(meta_ptr + t * 3 + 1)
+    blk = pid - tl.load(meta_ptr + t * 3 + 2)
+    if ALIGNED:
+        base = tl.multiple_of(base, 8)
+        n = tl.multiple_of(n, 8)
+    i = tl.arange(0, SUB)
+    ctr = blk * SUB + i
+    c0 = ctr.to(tl.uint32)
+    c1 = (ctr >> 32).to(tl.uint32)
+    if F64:
+        cdt = tl.float64
+    else:
+        cdt = tl.float32
+    acc0 = tl.full([SUB], 0, dtype=cdt)
+    acc1 = tl.full([SUB], 0, dtype=cdt)
+    acc2 = tl.full([SUB], 0, dtype=cdt)
+    acc3 = tl.full([SUB], 0, dtype=cdt)
+    for s in tl.static_range(NSTREAM):
+        k0 = tl.load(scal_ptr + t * 7 + 2 * s).to(tl.uint32)
+        k1 = tl.load(scal_ptr + t * 7 + 2 * s + 1).to(tl.uint32)
+        alpha = tl.load(scal_ptr + t * 7 + 4 + s).to(tl.float64, bitcast=True)
+        r0 = c0
+        r1 = c1
+        r2 = c0 * 0
+        r3 = c0 * 0
+        for _ in tl.static_range(ROUNDS):  # Philox-4x32 round (Salmon et al. 2011)
+            p0 = r0
+            p2 = r2
+            r0 = tl.umulhi(p2, 0xCD9E8D57) ^ r1 ^ k0
+            r2 = tl.umulhi(p0, 0xD2511F53) ^ r3 ^ k1
+            r1 = p2 * 0xCD9E8D57
+            r3 = p0 * 0xD2511F53
+            k0 = k0 + 0x9E3779B9
+            k1 = k1 + 0xBB67AE85
+        # 24-bit uniforms strictly inside (0, 1), then Box-Muller: 4 words -> 4 normals
+        u0 = ((r0 >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08
+        u1 = ((r1 >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08
+        u2 = ((r2 >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08
+        u3 = ((r3 >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08
+        rad_a = tl.sqrt(-2.0 * tl.log(u0))
+        rad_b = tl.sqrt(-2.0 * tl.log(u2))
+        th_a = 6.283185307179586 * u1
+        th_b = 6.283185307179586 * u3
+        if F64:
+            a = alpha
+        else:
+            a = alpha.to(tl.float32)
+        acc0 = acc0 + a * (rad_a * tl.cos(th_a)).to(cdt)
+        acc1 = acc1 + a * (rad_a * tl.sin(th_a)).to(cdt)
+        acc2 = acc2 + a * (rad_b * tl.cos(th_b)).to(cdt)
+        acc3 = acc3 + a * (rad_b * tl.sin(th_b)).to(cdt)
+    beta = tl.load(scal_ptr + t * 7 + 6).to(tl.float64, bitcast=True)
+    if not F64:
+        beta = beta.to(tl.float32)
+    start = base + blk * (4 * SUB)
+    for j in tl.static_range(4):
+        if j == 0:
+            acc = acc0
+        elif j == 1:
+            acc = acc1
+        elif j == 2:
+            acc = acc2
+        else:
+            acc = acc3
+        local = blk * (4 * SUB) + j * SUB + i
+        mask = local < n
+        ptrs = x0_ptr + (start + j * SUB) + i
+        if LOAD_X:
+            x = tl.load(ptrs, mask=mask, other=0.0).to(cdt)
+            out = beta * x + acc
+        else:
+            out = acc
+        if RNE_BF16:  # the CPU interpreter truncates float32 -> bf16; round to nearest even as CUDA does
+            bits = out.to(tl.uint32, bitcast=True)
+            bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+            out = bits.to(tl.float32, bitcast=True)
+        tl.store(ptrs, out.to(x0_ptr.dtype.element_ty), mask=mask)
+
+
+_KERNELS: dict[str, Any] = {}
+
+
+def _kernel(device: torch.device) -> Any:
+    """The compiled kernel for CUDA, Triton's interpreter for CPU tensors."""
+    if not HAS_TRITON:
+        raise RuntimeError(
+            "The fused ZO path needs Triton (`pip install triton`); use fused=False for the torch path."
+        )
+    kind = "cuda" if device.type == "cuda" else "interp"
+    if kind not in _KERNELS:
+        if kind == "cuda":
+            _KERNELS[kind] = triton.jit(_zo_axpby_src)
+        else:
+            from triton.runtime.interpreter import InterpretedFunction
+
+            _KERNELS[kind] = InterpretedFunction(_zo_axpby_src)
+    return _KERNELS[kind]
+
+
+def fused_available(device: torch.device | str) -> bool:
+    """True where the fused kernels run: CUDA devices with Triton (CPU only via the slow interpreter)."""
+    device = torch.device(device)
+    return HAS_TRITON and device.type == "cuda" and torch.cuda.is_available()
+
+
+# ---------------------------------------------------------------------------------------- seeds
+def _splitmix64_np(x: np.ndarray) -> np.ndarray:
+    """Vectorised SplitMix64 over uint64 (wrapping), bit-identical to ``directions._splitmix64``."""
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def tensor_seeds(key: DirectionKey, indices: Sequence[int]) -> np.ndarray:
+    """``key.seed_for(i)`` for every ``i`` at once (uint64), as the torch path derives them.
+
+    ``derive_seed`` folds its parts left to right, so the prefix ``(run, step, query)`` is hashed
+    once and only the last round runs per tensor, vectorised: a pass over ~300 tensors costs
+    microseconds of host time instead of a millisecond.
+    """
+    prefix = derive_seed(key.run_seed, key.step, key.query)
+    # derive_seed(...) masks its result to 63 bits; recover the unmasked prefix state by recomputing
+    h = 0x6A09E667F3BCC908
+    from lightning_zobi.zo.directions import _splitmix64
+
+    for part in (key.run_seed, key.step, key.query):
+        h = _splitmix64(h ^ (int(part) & _MASK64))
+    assert h & _MASK63 == prefix
+    idx = np.asarray([int(i) & _MASK64 for i in indices], dtype=np.uint64)
+    return _splitmix64_np(np.uint64(h) ^ idx) & np.uint64(_MASK63)
+
+
+# ---------------------------------------------------------------------------------------- launch
+class _Group:
+    """Static launch data of some same-dtype, same-device contiguous tensors (cached per pass target)."""
+
+    def __init__(self, tensors: list[Tensor]) -> None:
+        x0 = tensors[0]
+        self.device, self.dtype = x0.device, x0.dtype
+        esize = x0.element_size()
+        offsets, numels, firsts, blocks = [], [], [], []
+        first = 0
+        for t in tensors:
+            delta = t.data_ptr() - x0.data_ptr()
+            if delta % esize:
+                raise AssertionError("tensors of one dtype must be element-aligned")
+            nb = -(-t.numel() // BLOCK)
+            offsets.append(delta // esize)
+            numels.append(t.numel())
+            firsts.append(first)
+            blocks.append(nb)
+            first += nb
+        self.num_blocks = first
+        self.aligned = all(o % 8 == 0 for o in offsets) and all(n % 8 == 0 for n in numels)
+        meta = torch.tensor([offsets, numels, firsts], dtype=torch.int64).T.contiguous()
+        block_tensor = torch.repeat_interleave(
+            torch.arange(len(tensors), dtype=torch.int32), torch.tensor(blocks, dtype=torch.int64)
+        )
+        self.meta = meta.to(self.device)
+        self.block_tensor = block_tensor.to(self.device)
+        self.x0 = x0
+
+
+def _f64_bits(values: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(values, dtype=np.float64).view(np.int64)
+
+
+def _launch(
+    group: _Group,
+    seeds_a: np.ndarray,
+    alpha_a: np.ndarray,
+    seeds_b: np.ndarray | None,
+    alpha_b: np.ndarray | None,
+    beta: np.ndarray,
+    load_x: bool,
+    rounds: int,
+) -> None:
+    n = len(seeds_a)
+    scal = np.zeros((n, 7), dtype=np.int64)
+    scal[:, 0] = (seeds_a & np.uint64(_MASK32)).astype(np.int64)
+    scal[:, 1] = (seeds_a >> np.uint64(32)).astype(np.int64)
+    if seeds_b is not None:
+        scal[:, 2] = (seeds_b & np.uint64(_MASK32)).astype(np.int64)
+        scal[:, 3] = (seeds_b >> np.uint64(32)).astype(np.int64)
+        scal[:, 5] = _f64_bits(alpha_b)
+    scal[:, 4] = _f64_bits(alpha_a)
+    scal[:, 6] = _f64_bits(beta)
+    scal_t = torch.from_numpy(scal).to(group.device)
+    kernel = _kernel(group.device)
+    kernel[(group.num_blocks,)](
+        group.x0,
+        group.block_tensor,
+        group.meta,
+        scal_t,
+        NSTREAM=1 if seeds_b is None else 2,
+        LOAD_X=load_x,
+        F64=group.dtype == torch.float64,
+        ALIGNED=group.aligned,
+        RNE_BF16=group.dtype == torch.bfloat16 and group.device.type != "cuda",
+        ROUNDS=rounds,
+        SUB=SUB,
+        num_warps=NUM_WARPS,
+    )
+
+
+Term = tuple[DirectionKey, "float | Sequence[float]"]
+
+
+class FusedGaussianDirections(Directions):
+    """Dense N(0, I) directions drawn by a fused Philox Triton kernel and applied in place.
+
+    Same contract as :class:`~lightning_zobi.zo.directions.GaussianDirections` (the same
+    ``(index, key)`` always gives the same tensor; seeds from ``key.seed_for(index)``) and the same
+    distribution, but other values. :meth:`perturb_` and :meth:`apply_` never materialise ``z``;
+    :meth:`sample` does (for rules that need the tensor), in the parameter's dtype, while the
+    in-place passes add the float32 ``z`` before rounding once (so in bf16 ``sample`` is ``z``
+    rounded to bf16).
+
+    Args:
+        rounds: Philox rounds (10 by default, as cuRAND; 7 already passes BigCrush per Salmon et
+            al. 2011 and is cheaper). Part of the direction: keep it fixed within a run.
+
+    Memory: none per pass beyond a 56-byte-per-tensor table; a cached int32 per 4096 elements.
+    """
+
+    def __init__(self, rounds: int = 10) -> None:
+        super().__init__()
+        if not isinstance(rounds, int) or not 1 <= rounds <= 16:
+            raise ValueError(
+                f"rounds={rounds!r} is invalid: use an integer Philox round count in [1, 16] (10 is standard)."
+            )
+        if not HAS_TRITON:
+            raise RuntimeError(
+                "FusedGaussianDirections needs Triton (`pip install triton`; it ships with CUDA builds of torch). "
+                "Use GaussianDirections / fused=False for the torch path."
+            )
+        self.rounds = rounds
+        self._groups: dict[tuple, _Group] = {}
+        self.preapplied: tuple[DirectionKey, float] | None = None
+
+    def state_dict(self) -> dict:
+        return {"rounds": self.rounds}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "rounds" in state and int(state["rounds"]) != self.rounds:
+            raise ValueError(
+                f"The checkpoint's fused directions used rounds={state['rounds']}, this run rounds={self.rounds}: "
+                "pass the same rounds to resume the same directions."
+            )
+
+    # ------------------------------------------------------------------ grouping
+    def _group(self, tensors: list[Tensor]) -> _Group:
+        key = tuple((t.data_ptr(), t.numel(), t.dtype, t.device) for t in tensors)
+        group = self._groups.get(key)
+        if group is None:
+            if len(self._groups) > 64:
+                self._groups.clear()
+            group = self._groups[key] = _Group(tensors)
+        return group
+
+    @staticmethod
+    def _check(param: Tensor) -> None:
+        if param.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"The fused ZO path supports {[str(d) for d in SUPPORTED_DTYPES]}, got a {param.dtype} parameter; "
+                "use fused=False for other dtypes."
+            )
+
+    # ------------------------------------------------------------------ the passes
+    def apply_(
+        self,
+        params: Sequence[Tensor],
+        terms: Sequence[Term],
+        beta: float | Sequence[float] = 1.0,
+        indices: Sequence[int] | None = None,
+    ) -> None:
+        """``θ_i ← β_i·θ_i + Σ_terms α_i·z(key, index_i)`` in place, two directions per pass.
+
+        ``alpha``/``beta`` are a float or one float per parameter (per-group rates); ``indices``
+        are the direction indices of ``params`` (default ``0..len-1``). One pass (one kernel launch
+        per dtype) for up to two terms; ``β`` is applied in the first pass.
+        """
+        params = list(params)
+        if not params:
+            return
+        indices = list(range(len(params))) if indices is None else list(indices)
+        n = len(params)
+
+        def per_param(v: float | Sequence[float]) -> np.ndarray:
+            arr = np.broadcast_to(np.asarray(v, dtype=np.float64), (n,))
+            return np.ascontiguousarray(arr)
+
+        betas = per_param(beta)
+        prepared = [(key, per_param(alpha)) for key, alpha in terms]
+        if not prepared:
+            prepared = [(DirectionKey(0, 0, 0), np.zeros(n))]
+        seeds = [tensor_seeds(key, indices) for key, _ in prepared]
+        buckets: dict[tuple, list[int]] = {}
+        for pos, p in enumerate(params):
+            self._check(p)
+            if p.numel():
+                buckets.setdefault((p.device, p.dtype, p.is_contiguous()), []).append(pos)
+        with torch.no_grad():
+            for (_, _, contiguous), positions in buckets.items():
+                sel = np.asarray(positions)
+                tensors = [params[i] if contiguous else params[i].contiguous() for i in positions]
+                group = self._group(tensors)
+                for first in range(0, len(prepared), 2):
+                    two = len(prepared) - first > 1
+                    _launch(
+                        group,
+                        seeds[first][sel],
+                        prepared[first][1][sel],
+                        seeds[first + 1][sel] if two else None,
+                        prepared[first + 1][1][sel] if two else None,
+                        betas[sel] if first == 0 else np.ones(len(positions)),
+                        True,
+                        self.rounds,
+                    )
+                if not contiguous:
+                    for i, t in zip(positions, tensors, strict=True):
+                        params[i].copy_(t)
+
+    def perturb_(self, params: Iterable[Tensor], key: DirectionKey, scale: float) -> None:
+        """``θ += scale · z`` in one fused pass; a no-op once if that exact perturbation is pre-applied.
+
+        :class:`FusedZOSGD` folds the next step's ``+εz`` into its update pass and marks it in
+        :attr:`preapplied`, so the estimator's first ``perturb_`` of that step finds it done.
+        """
+        if self.preapplied is not None and self.preapplied == (key, scale):
+            self.preapplied = None
+            return
+        self.apply_(list(params), [(key, scale)])
+
+    def sample(self, param: Tensor, index: int, key: DirectionKey) -> Tensor:
+        self._check(param)
+        out = torch.empty(param.shape, dtype=param.dtype, device=param.device)
+        if out.numel() == 0:
+            return out
+        group = _Group([out])
+        _launch(group, tensor_seeds(key, [index]), np.ones(1), None, None, np.ones(1), False, self.rounds)
+        return out
+
+
+# ---------------------------------------------------------------------------------------- ZO-SGD
+class FusedZOSGD(ZOSGD):
+    """ZO-SGD (MeZO) on the fused path: 2 forwards + 2 parameter passes per central step.
+
+    Same rule and arguments as :class:`~lightning_zobi.zo.optim.ZOSGD` (MeZO, "Fine-Tuning Language
+    Models with Just Forward Passes", Malladi et al., arXiv 2305.17333), with the directions of
+    :class:`FusedGaussianDirections`. A central step with one query is::
+
+        (θ + εz_t already applied)  L+ ;  θ −= 2εz_t  L- ;
+        θ ← (1 − lr·wd)(θ + εz_t) − lr·g·z_t + εz_{t+1}        (one pass: two directions)
+
+    so the last pass also applies the *next* step's perturbation ("lookahead"). Between steps the
+    parameters are then left at ``θ_{t+1} + εz_{t+1}``: :attr:`perturbed` says so and
+    :meth:`unperturb` removes it (one pass). Validation and checkpoints must never see those
+    weights, so folding only happens while it is safe:
+
+    * ``lookahead=None`` (default): fold only while a module is guarded by :meth:`guard`, which
+      registers forward pre-hooks on every submodule owning one of the parameters and a
+      ``state_dict`` pre-hook on the module: any forward outside :meth:`step` (validation,
+      generation) and any ``state_dict()`` (checkpoints, ``save_pretrained``, safetensors export)
+      first calls :meth:`unperturb`. The optimizer's own ``state_dict``/``load_state_dict`` also
+      unperturb first. Without a guard a step leaves clean weights and costs 3 passes.
+    * ``lookahead=True``: always fold (you call :meth:`unperturb` before reading the weights).
+    * ``lookahead=False``: never fold (3 passes, clean weights after every step).
+
+    Folding needs central differences; forward differences make 2 passes per step anyway
+    (``+εz``, restore+update). Several queries: the update pass takes two directions per pass.
+
+    Args:
+        lookahead: see above.
+        rounds: Philox rounds of :class:`FusedGaussianDirections`.
+        Others as :class:`~lightning_zobi.zo.optim.ZOOptimizer`.
+
+    Memory: none extra (no direction tensor, no optimizer state).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-6,
+        eps: float = 1e-3,
+        weight_decay: float = 0.0,
+        *,
+        lookahead: bool | None = None,
+        rounds: int = 10,
+        **kwargs: Any,
+    ) -> None:
+        if kwargs.get("directions") is not None:
+            raise TypeError(
+                "FusedZOSGD draws its own fused Gaussian directions; drop the directions= argument."
+            )
+        kwargs.pop("directions", None)
+        if lookahead not in (None, True, False):
+            raise ValueError(
+                f"lookahead={lookahead!r} is invalid: use None (fold when guarded), True or False."
+            )
+        super().__init__(params, lr, eps, weight_decay, directions=FusedGaussianDirections(rounds), **kwargs)
+        for p in self._params():
+            FusedGaussianDirections._check(p)
+            if p.device.type != "cuda" and not HAS_TRITON:
+                raise RuntimeError("FusedZOSGD needs Triton; use ZOSGD (fused=False).")
+        self.lookahead = lookahead
+        self.pending: tuple[DirectionKey, float] | None = None
+        self._guards: list[RemovableHandle] = []
+        self._in_step = False
+
+    @property
+    def fused_directions(self) -> FusedGaussianDirections:
+        assert isinstance(self.directions, FusedGaussianDirections)
+        return self.directions
+
+    @property
+    def perturbed(self) -> bool:
+        """True while the parameters carry the next step's ``+εz`` (see :meth:`unperturb`)."""
+        return self.pending is not None
+
+    def _fold_allowed(self) -> bool:
+        if self.difference != "central":
+            return False
+        return bool(self._guards) if self.lookahead is None else self.lookahead
+
+    # ------------------------------------------------------------------ guard / unperturb
+    def unperturb(self) -> None:
+        """Remove a folded look-ahead perturbation (one pass); a no-op when the weights are clean."""
+        if self.pending is None:
+            return
+        key, scale = self.pending
+        self.pending = None
+        self.fused_directions.preapplied = None
+        with torch.no_grad():
+            self.fused_directions.apply_(self._params(), [(key, -scale)])
+
+    def _outside_use(self, *_: Any) -> None:
+        if not self._in_step:
+            self.unperturb()
+
+    def guard(self, module: nn.Module) -> list[RemovableHandle]:
+        """Make ``module`` unperturb this optimizer's parameters before any outside forward or state_dict.
+
+        Returns the hook handles (``h.remove()`` undoes it; :meth:`unguard` removes all).
+        Enables folding under ``lookahead=None``.
+        """
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"guard(module=...) needs a torch.nn.Module, got {type(module).__name__}.")
+        ids = {id(p) for p in self._params()}
+        handles = []
+        for sub in module.modules():
+            if any(id(p) in ids for p in sub.parameters(recurse=False)):
+                handles.append(sub.register_forward_pre_hook(self._outside_use))
+        handles.append(module.register_state_dict_pre_hook(self._outside_use))
+        self._guards += handles
+        return handles
+
+    def unguard(self) -> None:
+        """Remove every hook :meth:`guard` installed (and the look-ahead, so weights are clean)."""
+        self.unperturb()
+        for h in self._guards:
+            h.remove()
+        self._guards.clear()
+
+    # ------------------------------------------------------------------ the step
+    def step(self, closure: Closure | None = None) -> float:  # type: ignore[override]
+        if self.pending is not None:
+            key, scale = self.pending
+            expected = self.keys_for_step(self.zo_step)[0]
+            if self.difference == "central" and key == expected and scale == self.eps:
+                self.fused_directions.preapplied = (key, scale)
+            else:  # the step counter, eps or estimator changed since the fold: undo it
+                self.unperturb()
+            self.pending = None
+        self._in_step = True
+        try:
+            return super().step(closure)
+        finally:
+            self._in_step = False
+            if self.fused_directions.preapplied is not None:  # the step raised before using it
+                self.pending, self.fused_directions.preapplied = self.fused_directions.preapplied, None
+
+    def _restore(self, estimate: Estimate) -> None:
+        if estimate.pending is not None:
+            key, scale = estimate.pending
+            self.fused_directions.apply_(self._params(), [(key, scale)])
+
+    def _update(self, estimate: Estimate) -> None:
+        """Restore, decay, update (and fold the next ``+εz``) in ``ceil(terms / 2)`` passes."""
+        params, lrs, decays = [], [], []
+        for _, p, group in self._indexed():
+            params.append(p)
+            lrs.append(group["lr"])
+            decays.append(group["lr"] * group["weight_decay"])
+        lr = np.asarray(lrs, dtype=np.float64)
+        beta = 1.0 - np.asarray(decays, dtype=np.float64)
+        q = len(estimate.keys)
+        coeff: dict[DirectionKey, np.ndarray] = {}
+        if estimate.pending is not None:
+            key, scale = estimate.pending
+            coeff[key] = beta * scale
+        for key, g in zip(estimate.keys, estimate.projected_grads, strict=True):
+            coeff[key] = coeff.get(key, np.zeros_like(lr)) - lr * (g / q)
+        terms: list[Term] = list(coeff.items())
+        if self._fold_allowed():
+            next_key = self.keys_for_step(estimate.keys[0].step + 1)[0]
+            terms.append((next_key, self.eps))
+            self.pending = (next_key, self.eps)
+        self.fused_directions.apply_(params, terms, beta=beta)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        self.unperturb()
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.unperturb()
+        super().load_state_dict(state_dict)
+
+
+def use_fused(fused: bool | None, params: Iterable[Any]) -> bool:
+    """Resolve the ``fused`` switch: ``None`` means "when every parameter is on CUDA and Triton is there"."""
+    if fused is not None and not isinstance(fused, bool):
+        raise TypeError(f"fused={fused!r} must be True, False or None (automatic: fused on CUDA).")
+    tensors = []
+    for item in params:
+        if isinstance(item, dict):
+            tensors += [t[1] if isinstance(t, tuple) else t for t in item.get("params", [])]
+        else:
+            tensors.append(item[1] if isinstance(item, tuple) else item)
+    on_cuda = bool(tensors) and all(isinstance(t, Tensor) and t.is_cuda for t in tensors)
+    if fused is None:
+        return HAS_TRITON and on_cuda and all(t.dtype in SUPPORTED_DTYPES for t in tensors)
+    if fused and not HAS_TRITON:
+        raise RuntimeError(
+            "fused=True needs Triton (`pip install triton`); use fused=None/False for the torch path."
+        )
+    return fused
+
+
+def select_optimizer(
+    cls: type[ZOOptimizer], params: Iterable[Any], fused: bool | None
+) -> tuple[Callable, list]:
+    """``(constructor, params as a list)``: :class:`FusedZOSGD` for ZO-SGD when :func:`use_fused` says so."""
+    params = list(params)
+    if cls is ZOSGD and use_fused(fused, params):
+        return FusedZOSGD, params
+    if fused:
+        raise ValueError(f"fused=True is implemented for 'zo_sgd' only, not {cls.__name__}; drop fused=True.")
+    return cls, params
+
+
+__all__ = [
+    "BLOCK",
+    "FusedGaussianDirections",
+    "FusedZOSGD",
+    "HAS_TRITON",
+    "fused_available",
+    "select_optimizer",
+    "tensor_seeds",
+    "use_fused",
+]
