@@ -112,6 +112,11 @@ def run(scenario: str) -> dict:
 
 def main(out_dir: str, scenarios: list[str]) -> None:
     for scenario in scenarios:
+        if scenario == "sharded":  # FSDP2 sharded ZO, pure torch, in the same process group
+            from _zo_sharded_worker import main as sharded_main
+
+            sharded_main(out_dir)
+            continue
         result = run(scenario)
         Path(out_dir, f"{scenario}_rank{os.environ['RANK']}.json").write_text(json.dumps(result))
 

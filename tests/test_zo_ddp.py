@@ -1,6 +1,6 @@
-"""ZODDPStrategy on CPU/gloo with 2 processes (torchrun): scalars cross the wire, ranks stay identical.
+"""ZODDPStrategy and sharded ZO on CPU/gloo with 2 processes (torchrun): scalars cross the wire.
 
-One torchrun launch (``_zo_ddp_worker.py``) runs four fits per rank; the assertions compare the
+One torchrun launch (``_zo_ddp_worker.py``) runs four fits per rank and the FSDP2 sharded-ZO run; the assertions compare the
 ranks with each other and with single-process references computed here.
 """
 
@@ -21,18 +21,21 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _zo_ddp_worker as worker  # noqa: E402
+import _zo_sharded_worker as sharded_worker  # noqa: E402
 
 from lightning_zobi.lightning.callbacks.zero_order import ZeroOrder  # noqa: E402
 from lightning_zobi.lightning.strategies import ZODDPStrategy  # noqa: E402
 from lightning_zobi.zo.distributed import ZODataParallel, tensor_checksum  # noqa: E402
 from lightning_zobi.zo.optim import ZOSGD, build_optimizer  # noqa: E402
+from lightning_zobi.zo.sharded import ChunkedGaussianDirections  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = ("shared", "per_rank", "diverge", "fo")
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, int], dict]:
+def launched(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One torchrun launch of 2 CPU ranks running every scenario (saves a process start-up per scenario)."""
     out = tmp_path_factory.mktemp("zo_ddp")
     env = {
         **os.environ,
@@ -48,10 +51,18 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, int], dic
         str(Path(__file__).parent / "_zo_ddp_worker.py"),
         str(out),
         *SCENARIOS,
+        "sharded",
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return {(s, r): json.loads((out / f"{s}_rank{r}.json").read_text()) for s in SCENARIOS for r in (0, 1)}
+    return out
+
+
+@pytest.fixture(scope="module")
+def ranks(launched: Path) -> dict[tuple[str, int], dict]:
+    return {
+        (s, r): json.loads((launched / f"{s}_rank{r}.json").read_text()) for s in SCENARIOS for r in (0, 1)
+    }
 
 
 def _tensors(result: dict) -> dict[str, torch.Tensor]:
@@ -201,3 +212,36 @@ def test_conservative_rule_is_refused(world_of_one):
     opt = build_optimizer("zo_sgd_cons", nn.Linear(2, 1).parameters())
     with pytest.raises(ValueError, match="zo_sgd_cons"):
         ZODataParallel().attach(opt)
+
+
+# ---------------------------------------------------------------------- sharded ZO (FSDP2)
+@pytest.fixture(scope="module")
+def sharded(launched: Path) -> list[dict]:
+    return [json.loads((launched / f"sharded_rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_sharded_perturbation_gathers_to_the_unsharded_one(sharded):
+    """FSDP2 shards (uneven, unaligned with the 5-element chunks) perturbed in place gather exactly."""
+    assert sharded[0]["local_numel"]["0.weight"] == 40 and sharded[1]["local_numel"]["0.weight"] == 30
+    model = sharded_worker.make_model()
+    directions = ChunkedGaussianDirections(sharded_worker.CHUNK)
+    directions.perturb_(list(model.parameters()), sharded_worker.PERTURB_KEY, 0.5)
+    expected = {n: p.detach().flatten().tolist() for n, p in model.named_parameters()}
+    assert sharded[0]["perturbed"] == sharded[1]["perturbed"] == expected  # bit-exact
+    column_sharded = directions.sample(torch.zeros(6, 11, dtype=torch.float64), 3, sharded_worker.PERTURB_KEY)
+    assert sharded[0]["shard1_direction"] == column_sharded.flatten().tolist()
+
+
+def test_sharded_zo_steps_equal_one_process(sharded):
+    model = sharded_worker.make_model()
+    directions = ChunkedGaussianDirections(sharded_worker.CHUNK)
+    params = list(model.parameters())
+    directions.perturb_(params, sharded_worker.PERTURB_KEY, 0.5)
+    directions.perturb_(params, sharded_worker.PERTURB_KEY, -0.5)
+    opt = ZOSGD(params, directions=directions, **sharded_worker.ZO_ARGS)
+    x, y = sharded_worker.data()
+    for step in range(sharded_worker.STEPS):
+        xb, yb = x[8 * step : 8 * step + 8], y[8 * step : 8 * step + 8]
+        opt.step(lambda xb=xb, yb=yb: nn.functional.mse_loss(model(xb), yb))
+    got = {n: torch.tensor(v, dtype=torch.float64) for n, v in sharded[0]["trained"].items()}
+    _assert_close(got, _flat_params(model), rtol=1e-10, atol=1e-12)
