@@ -195,3 +195,39 @@ def test_bad_inputs_raise_clear_errors() -> None:
     model.y.requires_grad_(False)
     with pytest.raises(ValueError, match="requires_grad=False"):
         ValueFunctionFree(_problem(model), opt)
+
+
+class SingleLoss(nn.Module):
+    """A module with one ordinary loss (training_step -> Tensor) and a bilevel_parameters() override."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(1.0))
+        self.b = nn.Parameter(torch.tensor(2.0))
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        return (self.a * batch + self.b).pow(2).mean()
+
+    def bilevel_parameters(self) -> dict[str, list[nn.Parameter]]:
+        return {"upper": [self.b], "lower": [self.a]}
+
+
+def test_from_module_keys_halves_and_parameter_override() -> None:
+    model = SingleLoss()
+    batch = {"up": torch.tensor([1.0, 2.0]), "low": torch.tensor([3.0, -1.0])}
+    keyed = BilevelProblem.from_module(
+        model, upper_params="^a$", lower_params="^b$", upper_key="up", lower_key="low"
+    )
+    assert keyed.upper_params == [model.b] and keyed.lower_params == [model.a]  # bilevel_parameters() wins
+    f, g = keyed.losses(batch)
+    assert float(f) == pytest.approx(float(model.training_step(batch["up"], 0)))
+    assert float(g) == pytest.approx(float(model.training_step(batch["low"], 0)))
+    halves = BilevelProblem.from_module(model, split_batch=True)
+    x = torch.tensor([1.0, 2.0, 3.0, -1.0])
+    f, g = halves.losses(x)
+    assert float(f) == pytest.approx(float(model.training_step(x[:2], 0)))
+    assert float(g) == pytest.approx(float(model.training_step(x[2:], 0)))
+    with pytest.raises(KeyError, match="upper_key='nope'"):
+        BilevelProblem.from_module(model, upper_key="nope", lower_key="low").losses(batch)
+    with pytest.raises(TypeError, match=r"\{'upper': f, 'lower': g\}"):
+        BilevelProblem.from_module(model).losses(x)

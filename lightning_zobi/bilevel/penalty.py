@@ -40,9 +40,11 @@ class ValueFunctionPenalty(BilevelSolver):
 
     Cost per step: ``K + 1`` forward+backward passes of ``g`` at ``(x, z)`` (the last one only
     backpropagates into ``x ∖ y``) plus one of ``f + γ g`` at ``(x, y)``.
-    Memory: the copy ``z`` (one tensor per lower parameter, e.g. a LoRA adapter's size) and the
-    optimizer's own state; gradients of ``x ∪ y`` as in ordinary training (accumulated in place
-    through ``backward(inputs=...)``, no second gradient buffer).
+    Memory: the copy ``z`` (one tensor per lower parameter, e.g. a LoRA adapter's size; twice more
+    with ``inner_optimizer="adam"``) and the optimizer's own state; gradients of ``x ∪ y`` as in
+    ordinary training (accumulated in place through ``backward(inputs=...)``, no second gradient
+    buffer). The ``x``-gradient reads ``γ ∇_x g(x, z)``, so ``z`` must track ``argmin g(x, ·)`` to
+    about ``1/γ``: too few or too small inner steps make the update wrong, even unstable.
 
     Args:
         problem: the bilevel problem.

@@ -35,7 +35,9 @@ class BilevelZOFO(BilevelSolver):
     Cost per step: ``K`` × (one forward+backward of ``g`` at ``z`` + one of ``f + γ g`` at ``y``,
     backward through the adapter path only) + ``3 × 2q`` forwards for the ZO step (``f``, ``g`` at
     ``y``, ``g`` at ``z``, for ``q`` central-difference queries) and 3 in-place passes over ``x``.
-    Memory: the copy ``z`` of the adapter (adapter-sized), the adapter's gradients and optimizer
+    The logged ``f``, ``g`` and ``gap`` are the means over the ZO evaluations (at ``x ± εu``).
+
+    Memory: the copy ``z`` of the adapter (adapter-sized, ×3 with an Adam inner optimizer), the adapter's gradients and optimizer
     state, activations for the adapter backward; for the base model nothing beyond inference (no
     gradient, no optimizer state, directions regenerated from seeds).
 
