@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_zobi.lightning.callbacks.zero_order import ZeroOrder
-from lightning_zobi.lightning.strategies import ZODDPStrategy
+from lightning_zobi.lightning.strategies import ZODDPStrategy, ZOFSDPStrategy
 from lightning_zobi.zo.distributed import ParameterDivergenceError
 
 warnings.filterwarnings("ignore")
@@ -27,6 +27,7 @@ warnings.filterwarnings("ignore")
 STEPS = 6
 PER_RANK_BATCH = 4
 ZO_ARGS = dict(lr=0.05, eps=1e-3, queries=2, seed=3)
+CHUNK = 7  # elements per seeded chunk under zo_fsdp: unaligned with every shard boundary
 
 
 class Regression(pl.LightningModule):
@@ -45,6 +46,19 @@ class Regression(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
+class ShardedRegression(Regression):
+    """The same module sharded by FSDP2 over the data-parallel mesh (Lightning's configure_model)."""
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        self.double()
+        fully_shard(self.net[0], mesh=mesh)
+        fully_shard(self.net[2], mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+
+
 def loader(batch_size: int) -> DataLoader:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(64, 8, generator=gen, dtype=torch.float64)
@@ -52,12 +66,12 @@ def loader(batch_size: int) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
 
 
-def trainer(strategy: object, devices: int, callbacks: list) -> pl.Trainer:
+def trainer(strategy: object, devices: int, callbacks: list, precision: str = "64-true") -> pl.Trainer:
     return pl.Trainer(
         accelerator="cpu",
         devices=devices,
         strategy=strategy,
-        precision="64-true",
+        precision=precision,
         max_steps=STEPS,
         callbacks=callbacks,
         logger=False,
@@ -69,7 +83,10 @@ def trainer(strategy: object, devices: int, callbacks: list) -> pl.Trainer:
 
 
 def params_of(module: nn.Module) -> dict[str, list[float]]:
-    return {n: p.detach().double().flatten().tolist() for n, p in module.named_parameters()}
+    def full(p: torch.Tensor) -> torch.Tensor:
+        return p.full_tensor() if hasattr(p, "full_tensor") else p
+
+    return {n: full(p.detach()).double().flatten().tolist() for n, p in module.named_parameters()}
 
 
 class _BreakRank1(pl.Callback):
@@ -90,9 +107,15 @@ def run(scenario: str) -> dict:
         callbacks.append(ZeroOrder(**ZO_ARGS))
     if scenario == "diverge":
         callbacks.append(_BreakRank1())
-    query_seeds = "per_rank" if scenario == "per_rank" else "shared"
-    strategy = ZODDPStrategy(query_seeds=query_seeds, check_every=1 if scenario == "diverge" else 2)
-    t = trainer(strategy, 2, callbacks)
+    if scenario == "fsdp":
+        module = ShardedRegression(init_seed=0)
+        callbacks.append(ZeroOrder(**ZO_ARGS))
+        strategy = ZOFSDPStrategy(data_parallel_size=2, tensor_parallel_size=1, chunk=CHUNK)
+        t = trainer(strategy, 2, callbacks, precision="32-true")  # the module made itself float64
+    else:
+        query_seeds = "per_rank" if scenario == "per_rank" else "shared"
+        strategy = ZODDPStrategy(query_seeds=query_seeds, check_every=1 if scenario == "diverge" else 2)
+        t = trainer(strategy, 2, callbacks)
     out: dict = {"scenario": scenario}
     try:
         t.fit(module, loader(PER_RANK_BATCH))

@@ -27,10 +27,14 @@ from lightning_zobi.lightning.callbacks.zero_order import ZeroOrder  # noqa: E40
 from lightning_zobi.lightning.strategies import ZODDPStrategy  # noqa: E402
 from lightning_zobi.zo.distributed import ZODataParallel, tensor_checksum  # noqa: E402
 from lightning_zobi.zo.optim import ZOSGD, build_optimizer  # noqa: E402
-from lightning_zobi.zo.sharded import ChunkedGaussianDirections  # noqa: E402
+from lightning_zobi.zo.sharded import (  # noqa: E402
+    ChunkedGaussianDirections,
+    chunked_normal,
+    use_sharded_directions,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
-SCENARIOS = ("shared", "per_rank", "diverge", "fo")
+SCENARIOS = ("shared", "per_rank", "diverge", "fo", "fsdp")
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +79,7 @@ def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], **tol:
         torch.testing.assert_close(a[name], b[name], **tol, msg=lambda m, n=name: f"{n}: {m}")
 
 
-@pytest.mark.parametrize("scenario", ["shared", "per_rank", "fo"])
+@pytest.mark.parametrize("scenario", ["shared", "per_rank", "fo", "fsdp"])
 def test_ranks_end_bit_identical(ranks, scenario):
     r0, r1 = ranks[scenario, 0], ranks[scenario, 1]
     assert "error" not in r0 and "error" not in r1
@@ -133,7 +137,7 @@ def test_per_rank_seeds_are_an_n_query_estimate(ranks):
     assert any(not torch.allclose(got[n], shared[n]) for n in got)
 
 
-@pytest.mark.parametrize("scenario", ["shared", "per_rank"])
+@pytest.mark.parametrize("scenario", ["shared", "per_rank", "fsdp"])
 def test_bytes_per_step_at_most_eight_per_query(ranks, scenario):
     for rank in (0, 1):
         sent = ranks[scenario, rank]["bytes_per_step"]
@@ -245,3 +249,32 @@ def test_sharded_zo_steps_equal_one_process(sharded):
         opt.step(lambda xb=xb, yb=yb: nn.functional.mse_loss(model(xb), yb))
     got = {n: torch.tensor(v, dtype=torch.float64) for n, v in sharded[0]["trained"].items()}
     _assert_close(got, _flat_params(model), rtol=1e-10, atol=1e-12)
+
+
+def test_zo_fsdp_strategy_equals_one_process_with_chunked_directions(ranks):
+    """Lightning + FSDP2 (zo_fsdp): gathered parameters follow the one-process run at batch 2b."""
+    module = worker.Regression(init_seed=0).double()
+    opt = ZOSGD(module.parameters(), directions=ChunkedGaussianDirections(worker.CHUNK), **worker.ZO_ARGS)
+    for step in range(worker.STEPS):
+        (x0, y0), (x1, y1) = _rank_batches(step)
+        x, y = torch.cat([x0, x1]), torch.cat([y0, y1])
+        opt.step(lambda x=x, y=y: nn.functional.mse_loss(module.net(x), y))
+    _assert_close(_tensors(ranks["fsdp", 0]), _flat_params(module), rtol=1e-9, atol=1e-12)
+
+
+def test_sharded_rules_without_per_element_directions_are_refused():
+    opt = build_optimizer("lozo", nn.Linear(4, 4).parameters())
+    with pytest.raises(ValueError, match="LowRankDirections.*zo_sgd"):
+        use_sharded_directions(opt)
+    dense = build_optimizer("zo_sgd", nn.Linear(4, 4).parameters())
+    use_sharded_directions(dense, chunk=3)
+    assert isinstance(dense.directions, ChunkedGaussianDirections) and dense.directions.chunk == 3
+
+
+@pytest.mark.parametrize("start,stop", [(0, 23), (3, 4), (4, 16), (5, 23), (22, 23), (7, 7)])
+def test_chunked_normal_slices_agree_with_the_whole(start, stop):
+    whole = chunked_normal(23, 0, 23, lambda c: 100 + c, torch.empty(0), chunk=5)
+    part = chunked_normal(23, start, stop, lambda c: 100 + c, torch.empty(0), chunk=5)
+    assert torch.equal(part, whole[start:stop])
+    with pytest.raises(ValueError, match="start=4, stop=30"):
+        chunked_normal(23, 4, 30, lambda c: c, torch.empty(0))

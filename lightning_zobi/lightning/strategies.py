@@ -39,13 +39,15 @@ from lightning.fabric.strategies import _StrategyRegistry
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.optim import Optimizer
 
 from lightning_zobi.zo.distributed import QUERY_SEEDS, ZODataParallel
 from lightning_zobi.zo.optim import ZOOptimizer
+from lightning_zobi.zo.sharded import DEFAULT_CHUNK, is_sharded, use_sharded_directions
 
 
 def find_zo_optimizers(trainer: pl.Trainer) -> list[Optimizer]:
@@ -73,7 +75,75 @@ def find_zo_optimizers(trainer: pl.Trainer) -> list[Optimizer]:
     return list(found.values())
 
 
-class ZODDPStrategy(DDPStrategy):
+class _ScalarSyncMixin:
+    """What ``zo_ddp`` and ``zo_fsdp`` share: attach ZO optimizers, count bytes, check agreement."""
+
+    query_seeds: str
+    check_every: int
+    sync: ZODataParallel | None
+    bytes_per_step: int
+    steps_taken: int
+
+    def _init_sync(self, query_seeds: str, check_every: int) -> None:
+        if query_seeds not in QUERY_SEEDS:
+            raise ValueError(f"query_seeds={query_seeds!r} is invalid: choose one of {list(QUERY_SEEDS)}.")
+        if not isinstance(check_every, int) or check_every < 0:
+            raise ValueError(
+                f"check_every={check_every!r} is invalid: use an integer >= 0 (steps between parameter "
+                "checks; 0 disables them)."
+            )
+        self.query_seeds = query_seeds
+        self.check_every = check_every
+        self.sync = None
+        self.bytes_per_step = 0
+        self.steps_taken = 0
+
+    @property
+    def check_bytes_total(self) -> int:
+        return self.sync.check_bytes_total if self.sync else 0
+
+    @property
+    def fo_bytes_total(self) -> int:
+        return self.sync.fo_bytes_total if self.sync else 0
+
+    def _prepare_optimizer(self, optimizer: Optimizer) -> None:
+        """Hook run on each optimizer before it is attached (the sharded strategy swaps directions)."""
+
+    def optimizer_step(
+        self,
+        optimizer: Optimizer,
+        closure: Callable[[], Any],
+        model: pl.LightningModule | nn.Module | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Attach new ZO optimizers, step, count the bytes sent, and check agreement every K steps."""
+        assert self.sync is not None, f"{type(self).__name__}.setup() has not run"
+        module = self.lightning_module  # type: ignore[attr-defined]
+        zo_found = False
+        for opt in find_zo_optimizers(module.trainer):
+            self._prepare_optimizer(opt)
+            self.sync.attach(opt)
+            zo_found = zo_found or isinstance(opt, ZOOptimizer)
+        if not zo_found and self.steps_taken == 0:
+            rank_zero_warn(
+                f"{type(self).__name__} found no ZO optimizer (add the ZeroOrder callback); first-order gradients "
+                "are averaged inside optimizer.step, which is slower than Lightning's own DDP/FSDP."
+            )
+        before = self.sync.zo_bytes_total
+        output = super().optimizer_step(optimizer, closure, model, **kwargs)  # type: ignore[misc]
+        self.bytes_per_step = self.sync.zo_bytes_total - before
+        self.steps_taken += 1
+        if self.check_every and self.steps_taken % self.check_every == 0:
+            self.sync.check_parameters(module.named_parameters(), step=self.steps_taken)
+        return output
+
+    def check_parameters(self) -> None:
+        """Compare every (unsharded) parameter across ranks now (raises ``ParameterDivergenceError``)."""
+        assert self.sync is not None
+        self.sync.check_parameters(self.lightning_module.named_parameters(), step=self.steps_taken)  # type: ignore[attr-defined]
+
+
+class ZODDPStrategy(_ScalarSyncMixin, DDPStrategy):
     """Multi-process ZO training that all-reduces projected gradients (one float per query).
 
     ``Trainer(strategy="zo_ddp", devices=N, callbacks=[ZeroOrder(...)])``, or
@@ -115,13 +185,7 @@ class ZODDPStrategy(DDPStrategy):
         timeout: timedelta | None = default_pg_timeout,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
     ) -> None:
-        if query_seeds not in QUERY_SEEDS:
-            raise ValueError(f"query_seeds={query_seeds!r} is invalid: choose one of {list(QUERY_SEEDS)}.")
-        if not isinstance(check_every, int) or check_every < 0:
-            raise ValueError(
-                f"check_every={check_every!r} is invalid: use an integer >= 0 (steps between parameter "
-                "checks; 0 disables them)."
-            )
+        self._init_sync(query_seeds, check_every)
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -132,19 +196,6 @@ class ZODDPStrategy(DDPStrategy):
             timeout=timeout,
             start_method=start_method,
         )
-        self.query_seeds = query_seeds
-        self.check_every = check_every
-        self.sync: ZODataParallel | None = None
-        self.bytes_per_step = 0
-        self.steps_taken = 0
-
-    @property
-    def check_bytes_total(self) -> int:
-        return self.sync.check_bytes_total if self.sync else 0
-
-    @property
-    def fo_bytes_total(self) -> int:
-        return self.sync.fo_bytes_total if self.sync else 0
 
     def setup(self, trainer: pl.Trainer) -> None:
         """DDP's set-up without the ``DistributedDataParallel`` wrapper; parameters broadcast once."""
@@ -170,38 +221,6 @@ class ZODDPStrategy(DDPStrategy):
     def configure_ddp(self) -> None:
         raise RuntimeError("ZODDPStrategy never wraps the module in DistributedDataParallel.")
 
-    def optimizer_step(
-        self,
-        optimizer: Optimizer,
-        closure: Callable[[], Any],
-        model: pl.LightningModule | nn.Module | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        """Attach new ZO optimizers, step, count the bytes sent, and check agreement every K steps."""
-        assert self.sync is not None, "ZODDPStrategy.setup() has not run"
-        trainer = self.lightning_module.trainer
-        zo_found = False
-        for opt in find_zo_optimizers(trainer):
-            self.sync.attach(opt)
-            zo_found = zo_found or isinstance(opt, ZOOptimizer)
-        if not zo_found and self.steps_taken == 0:
-            pl.utilities.rank_zero_warn(
-                "strategy='zo_ddp' found no ZO optimizer (add the ZeroOrder callback); first-order gradients are "
-                "averaged inside optimizer.step, which is slower than strategy='ddp'."
-            )
-        before = self.sync.zo_bytes_total
-        output = super().optimizer_step(optimizer, closure, model, **kwargs)
-        self.bytes_per_step = self.sync.zo_bytes_total - before
-        self.steps_taken += 1
-        if self.check_every and self.steps_taken % self.check_every == 0:
-            self.sync.check_parameters(self.lightning_module.named_parameters(), step=self.steps_taken)
-        return output
-
-    def check_parameters(self) -> None:
-        """Compare every parameter across ranks now (raises ``ParameterDivergenceError``)."""
-        assert self.sync is not None and self.model is not None
-        self.sync.check_parameters(self.model.named_parameters(), step=self.steps_taken)
-
     @classmethod
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
         entries = (("zo_ddp", "popen"), ("zo_ddp_spawn", "spawn"), ("zo_ddp_fork", "fork"))
@@ -222,4 +241,81 @@ class ZODDPStrategy(DDPStrategy):
             )
 
 
+class ZOFSDPStrategy(_ScalarSyncMixin, ModelParallelStrategy):
+    """Sharded ZO for models larger than one GPU: FSDP2 / tensor-parallel shards, scalar all-reduce.
+
+    ``Trainer(strategy="zo_fsdp", devices=N, callbacks=[ZeroOrder(...)])`` on a module whose
+    ``configure_model`` shards itself with ``fully_shard`` (and/or tensor parallelism) over
+    ``self.device_mesh``, exactly as for Lightning's ``ModelParallelStrategy``, which this
+    extends. Each rank then holds a slice of every weight as a ``DTensor``; before the first step
+    the ZO rules' dense Gaussian directions are replaced by
+    :class:`~lightning_zobi.zo.sharded.ChunkedGaussianDirections`, which generate every rank's
+    slice from seeds keyed by the global element offset, so the gathered parameters move exactly
+    as in a one-process run with that family. The loss of every forward is a collective (FSDP
+    all-gathers the weights), so all ranks evaluate every query: ``query_seeds`` is always
+    ``"shared"``, and the ``q`` projected gradients are all-reduced over the world (a mean over
+    tensor-parallel ranks that saw the same batch changes nothing).
+
+    Rules: the dense-Gaussian ones (zo_sgd, zo_sgd_momentum, zo_sign, zo_adam, qzo); LOZO and
+    sparse ZO are refused with a clear error. First-order parts (ZO/FO hybrid, Bilevel ZOFO's
+    adapter) are left to FSDP's own gradient reduce-scatter.
+
+    Args:
+        data_parallel_size, tensor_parallel_size: the device mesh, as for ``ModelParallelStrategy``
+            (pure FSDP over N devices: ``data_parallel_size=N, tensor_parallel_size=1``).
+        chunk: elements per seeded chunk of the directions (all ranks and any one-process
+            reference must use the same value; it is checked on resume).
+        check_every: steps between cross-rank checks of the *unsharded* (replicated) parameters.
+        save_distributed_checkpoint, process_group_backend, timeout: as for
+            ``ModelParallelStrategy``.
+
+    Memory: the sharded model (1/N of the weights per rank) plus, during each forward, FSDP's
+    all-gathered layer; the directions cost one local-shard temporary and at most two chunks.
+    Communication per step: FSDP's weight all-gathers for the 2q forwards, plus ``8·q`` bytes.
+    """
+
+    def __init__(
+        self,
+        data_parallel_size: Literal["auto"] | int = "auto",
+        tensor_parallel_size: Literal["auto"] | int = "auto",
+        chunk: int = DEFAULT_CHUNK,
+        check_every: int = 100,
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+    ) -> None:
+        if not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"chunk={chunk!r} is invalid: use an integer >= 1 (elements per seeded chunk).")
+        self._init_sync("shared", check_every)
+        self.chunk = chunk
+        super().__init__(
+            data_parallel_size=data_parallel_size,
+            tensor_parallel_size=tensor_parallel_size,
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+        )
+
+    def setup(self, trainer: pl.Trainer) -> None:
+        """``ModelParallelStrategy``'s set-up, then the scalar sync (replicated tensors broadcast once)."""
+        super().setup(trainer)
+        assert self.model is not None
+        self.sync = ZODataParallel("shared", average_first_order=False)
+        self.sync.broadcast_parameters(self.model)  # DTensor shards are skipped
+
+    def _prepare_optimizer(self, optimizer: Optimizer) -> None:
+        if isinstance(optimizer, ZOOptimizer) and any(is_sharded(p) for p in optimizer._params()):
+            use_sharded_directions(optimizer, self.chunk)
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        if "zo_fsdp" not in strategy_registry:
+            strategy_registry.register(
+                "zo_fsdp",
+                cls,
+                description="Sharded ZO (FSDP2 / tensor parallel) with shard-invariant seeded directions",
+            )
+
+
 ZODDPStrategy.register_strategies(StrategyRegistry)
+ZOFSDPStrategy.register_strategies(StrategyRegistry)

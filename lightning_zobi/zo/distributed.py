@@ -79,6 +79,8 @@ class ZODataParallel:
         group: the process group (default: the world).
         device: where the collectives' small tensors live (``cuda`` for NCCL; default: the current
             CUDA device under NCCL, else CPU).
+        average_first_order: average the ``.grad`` of first-order optimizers in their ``step``
+            (off under FSDP, which already reduce-scatters gradients in backward).
 
     Attributes:
         zo_bytes_total: payload bytes this rank handed to ZO exchanges (8 per local query).
@@ -96,7 +98,11 @@ class ZODataParallel:
     """
 
     def __init__(
-        self, query_seeds: str = "shared", group: Any = None, device: torch.device | str | None = None
+        self,
+        query_seeds: str = "shared",
+        group: Any = None,
+        device: torch.device | str | None = None,
+        average_first_order: bool = True,
     ) -> None:
         if query_seeds not in QUERY_SEEDS:
             raise ValueError(f"query_seeds={query_seeds!r} is invalid: choose one of {list(QUERY_SEEDS)}.")
@@ -106,6 +112,7 @@ class ZODataParallel:
                 "Lightning's strategy='zo_ddp', or call torch.distributed.init_process_group first."
             )
         self.query_seeds = query_seeds
+        self.average_first_order = average_first_order
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
@@ -216,7 +223,7 @@ class ZODataParallel:
             fo = getattr(optimizer, "fo_optimizer", None)
             if isinstance(fo, Optimizer):
                 self.attach(fo)
-        else:
+        elif self.average_first_order:
             self._wrap_first_order(optimizer)
 
     def _wrap_first_order(self, optimizer: Optimizer) -> None:

@@ -76,9 +76,14 @@ def chunked_normal(
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
+def is_sharded(param: Tensor) -> bool:
+    """True for a ``DTensor`` (an FSDP2 / tensor-parallel parameter)."""
+    return hasattr(param, "device_mesh") and hasattr(param, "to_local")
+
+
 def local_block(param: Tensor) -> tuple[Tensor, tuple[int, ...], tuple[int, ...]]:
     """``(local tensor, local shape, global offset)`` of a DTensor shard, or of a whole tensor."""
-    if hasattr(param, "device_mesh") and hasattr(param, "to_local"):
+    if is_sharded(param):
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
         shape, offset = compute_local_shape_and_global_offset(
