@@ -104,7 +104,7 @@ def test_lr_zero_step_restores_within_the_torch_bound(device, dtype, difference)
     opt = FusedZOSGD(model.parameters(), lr=0.0, eps=eps, difference=difference, seed=5, lookahead=False)
     opt.step(_closure(model))
     u, key = UNIT[dtype], opt.keys_for_step(0)[0]
-    for index, (p, p0) in enumerate(zip(model.parameters(), before)):
+    for index, (p, p0) in enumerate(zip(model.parameters(), before, strict=True)):
         z = _z32(opt.fused_directions, p, index, key)
         bound = 3 * u * (p0.double().abs() + eps * z.abs()) * (1 + 1e-6)
         assert bool(((p.double() - p0.double()).abs() <= bound).all()), f"param {index}"
@@ -123,7 +123,7 @@ def test_lookahead_then_unperturb_restores(device, dtype):
     opt.unperturb()
     assert not opt.perturbed
     k0, k1 = opt.keys_for_step(0)[0], opt.keys_for_step(1)[0]
-    for index, (p, p0) in enumerate(zip(model.parameters(), before)):
+    for index, (p, p0) in enumerate(zip(model.parameters(), before, strict=True)):
         dirs = opt.fused_directions
         zsum = _z32(dirs, p, index, k0).abs() + _z32(dirs, p, index, k1).abs()
         bound = 4 * UNIT[dtype] * (p0.double().abs() + eps * zsum) * (1 + 1e-6)
@@ -170,7 +170,7 @@ def test_lookahead_trajectory_equals_unfolded_and_torch_reference(device):
         for model, opt in zip(models, opts, strict=True):
             opt.step(_closure(model))
     opts[0].unperturb()
-    for ps in zip(*(m.parameters() for m in models)):
+    for ps in zip(*(m.parameters() for m in models), strict=True):
         torch.testing.assert_close(ps[0], ps[1], rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(ps[0], ps[2], rtol=1e-10, atol=1e-12)
 
@@ -236,3 +236,21 @@ def test_compiled_kernel_matches_the_interpreter():
     dirs.perturb_([big], key, 1.0)
     z = big.double()
     assert abs(float(z.mean())) < 5 / 2**11 and abs(float(z.var()) - 1) < 0.01
+
+
+def test_zo_step_benchmark_runs_tiny_on_cpu(tmp_path):
+    """benchmarks/zo_step.py --tiny: every path runs and the JSON has the ratios the table prints."""
+    import json
+    import runpy
+    from pathlib import Path
+
+    bench = runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "zo_step.py"))
+    out = tmp_path / "zo_step_tiny.json"
+    variants = "forward,pass,zo_torch,zo_fused,mezo,adamw"
+    bench["main"](["--tiny", "--warmup", "0", "--steps", "1", "--variants", variants, "--out", str(out)])
+    result = json.loads(out.read_text())["shapes"]["tiny"]
+    assert set(result["variants"]) == set(variants.split(","))
+    for name, r in result["variants"].items():
+        assert r["ms"] > 0, name
+        assert r["ratio_2fwd"] == pytest.approx(r["ms"] / (2 * result["variants"]["forward"]["ms"]))
+    assert result["params"] > 0 and result["floor_ratio"] >= 1.0

@@ -29,7 +29,9 @@ one int32 per 4096 parameter elements (0.1 ‰ of the parameter bytes in bf16).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import functools
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -37,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_zobi.zo.directions import DirectionKey, Directions, derive_seed
+from lightning_zobi.zo.directions import DirectionKey, Directions, _splitmix64, derive_seed
 from lightning_zobi.zo.estimators import Closure, Estimate
 from lightning_zobi.zo.optim import ZOSGD, ZOOptimizer
 
@@ -60,6 +62,7 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _MASK32 = 0xFFFFFFFF
 _MASK64 = (1 << 64) - 1
 _MASK63 = (1 << 63) - 1
+_ALIGNED_OK = True
 
 
 # ---------------------------------------------------------------------------------------- kernel
@@ -71,6 +74,7 @@ def _zo_axpby_src(
     NSTREAM: tl.constexpr,
     LOAD_X: tl.constexpr,
     F64: tl.constexpr,
+    CDT: tl.constexpr,
     ALIGNED: tl.constexpr,
     RNE_BF16: tl.constexpr,
     ROUNDS: tl.constexpr,
@@ -93,14 +97,10 @@ def _zo_axpby_src(
     ctr = blk * SUB + i
     c0 = ctr.to(tl.uint32)
     c1 = (ctr >> 32).to(tl.uint32)
-    if F64:
-        cdt = tl.float64
-    else:
-        cdt = tl.float32
-    acc0 = tl.full([SUB], 0, dtype=cdt)
-    acc1 = tl.full([SUB], 0, dtype=cdt)
-    acc2 = tl.full([SUB], 0, dtype=cdt)
-    acc3 = tl.full([SUB], 0, dtype=cdt)
+    acc0 = tl.full([SUB], 0, dtype=CDT)
+    acc1 = tl.full([SUB], 0, dtype=CDT)
+    acc2 = tl.full([SUB], 0, dtype=CDT)
+    acc3 = tl.full([SUB], 0, dtype=CDT)
     for s in tl.static_range(NSTREAM):
         k0 = tl.load(scal_ptr + t * 7 + 2 * s).to(tl.uint32)
         k1 = tl.load(scal_ptr + t * 7 + 2 * s + 1).to(tl.uint32)
@@ -131,10 +131,10 @@ def _zo_axpby_src(
             a = alpha
         else:
             a = alpha.to(tl.float32)
-        acc0 = acc0 + a * (rad_a * tl.cos(th_a)).to(cdt)
-        acc1 = acc1 + a * (rad_a * tl.sin(th_a)).to(cdt)
-        acc2 = acc2 + a * (rad_b * tl.cos(th_b)).to(cdt)
-        acc3 = acc3 + a * (rad_b * tl.sin(th_b)).to(cdt)
+        acc0 = acc0 + a * (rad_a * tl.cos(th_a)).to(CDT)
+        acc1 = acc1 + a * (rad_a * tl.sin(th_a)).to(CDT)
+        acc2 = acc2 + a * (rad_b * tl.cos(th_b)).to(CDT)
+        acc3 = acc3 + a * (rad_b * tl.sin(th_b)).to(CDT)
     beta = tl.load(scal_ptr + t * 7 + 6).to(tl.float64, bitcast=True)
     if not F64:
         beta = beta.to(tl.float32)
@@ -152,7 +152,7 @@ def _zo_axpby_src(
         mask = local < n
         ptrs = x0_ptr + (start + j * SUB) + i
         if LOAD_X:
-            x = tl.load(ptrs, mask=mask, other=0.0).to(cdt)
+            x = tl.load(ptrs, mask=mask, other=0.0).to(CDT)
             out = beta * x + acc
         else:
             out = acc
@@ -190,13 +190,20 @@ def fused_available(device: torch.device | str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------- seeds
+_SM_ADD, _SM_M1, _SM_M2 = (
+    np.uint64(0x9E3779B97F4A7C15),
+    np.uint64(0xBF58476D1CE4E5B9),
+    np.uint64(0x94D049BB133111EB),
+)
+_SM_S30, _SM_S27, _SM_S31 = np.uint64(30), np.uint64(27), np.uint64(31)
+
+
 def _splitmix64_np(x: np.ndarray) -> np.ndarray:
     """Vectorised SplitMix64 over uint64 (wrapping), bit-identical to ``directions._splitmix64``."""
-    with np.errstate(over="ignore"):
-        x = x + np.uint64(0x9E3779B97F4A7C15)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
+    x = np.atleast_1d(x) + _SM_ADD  # array arithmetic wraps modulo 2**64 silently
+    x = (x ^ (x >> _SM_S30)) * _SM_M1
+    x = (x ^ (x >> _SM_S27)) * _SM_M2
+    return x ^ (x >> _SM_S31)
 
 
 def tensor_seeds(key: DirectionKey, indices: Sequence[int]) -> np.ndarray:
@@ -206,16 +213,20 @@ def tensor_seeds(key: DirectionKey, indices: Sequence[int]) -> np.ndarray:
     once and only the last round runs per tensor, vectorised: a pass over ~300 tensors costs
     microseconds of host time instead of a millisecond.
     """
-    prefix = derive_seed(key.run_seed, key.step, key.query)
-    # derive_seed(...) masks its result to 63 bits; recover the unmasked prefix state by recomputing
-    h = 0x6A09E667F3BCC908
-    from lightning_zobi.zo.directions import _splitmix64
-
-    for part in (key.run_seed, key.step, key.query):
-        h = _splitmix64(h ^ (int(part) & _MASK64))
-    assert h & _MASK63 == prefix
-    idx = np.asarray([int(i) & _MASK64 for i in indices], dtype=np.uint64)
+    h = _prefix_state(key.run_seed, key.step, key.query)
+    idx = np.asarray(indices, dtype=np.int64).astype(np.uint64)
     return _splitmix64_np(np.uint64(h) ^ idx) & np.uint64(_MASK63)
+
+
+@functools.lru_cache(maxsize=64)
+def _prefix_state(*parts: int) -> int:
+    """The unmasked 64-bit state of ``derive_seed(*parts, ...)`` after ``parts`` (checked against it)."""
+    h = 0x6A09E667F3BCC908
+    for part in parts:
+        h = _splitmix64(h ^ (int(part) & _MASK64))
+    if h & _MASK63 != derive_seed(*parts):
+        raise AssertionError("tensor_seeds is out of sync with directions.derive_seed")
+    return h
 
 
 # ---------------------------------------------------------------------------------------- launch
@@ -247,6 +258,32 @@ class _Group:
         self.meta = meta.to(self.device)
         self.block_tensor = block_tensor.to(self.device)
         self.x0 = x0
+        self.tensors = tensors
+
+
+class _Plan:
+    """How one parameter list is launched: contiguous tensors grouped by (device, dtype), cached."""
+
+    def __init__(self, params: list[Tensor], ptrs: list[int]) -> None:
+        self.ptrs = ptrs
+        buckets: dict[tuple, list[int]] = {}
+        for pos, p in enumerate(params):
+            FusedGaussianDirections._check(p)
+            if p.numel():
+                buckets.setdefault((p.device, p.dtype, p.is_contiguous()), []).append(pos)
+        self._params = params
+        self._static = [
+            (np.asarray(pos), _Group([params[i] for i in pos]) if contiguous else None, pos)
+            for (_, _, contiguous), pos in buckets.items()
+        ]
+
+    def buckets(self) -> Iterator[tuple[np.ndarray, _Group, list[int] | None]]:
+        """``(positions array, launch group, positions to copy back or None)`` per bucket."""
+        for sel, group, pos in self._static:
+            if group is not None:
+                yield sel, group, None
+            else:  # rare: strided parameters go through contiguous copies, two extra passes
+                yield sel, _Group([self._params[i].contiguous() for i in pos]), pos
 
 
 def _f64_bits(values: np.ndarray) -> np.ndarray:
@@ -273,22 +310,39 @@ def _launch(
         scal[:, 5] = _f64_bits(alpha_b)
     scal[:, 4] = _f64_bits(alpha_a)
     scal[:, 6] = _f64_bits(beta)
-    scal_t = torch.from_numpy(scal).to(group.device)
+    host = torch.from_numpy(scal)
+    if group.device.type == "cuda":  # pinned + async: no host-device synchronisation per pass
+        scal_t = host.pin_memory().to(group.device, non_blocking=True)
+    else:
+        scal_t = host
+    global _ALIGNED_OK
     kernel = _kernel(group.device)
-    kernel[(group.num_blocks,)](
-        group.x0,
-        group.block_tensor,
-        group.meta,
-        scal_t,
-        NSTREAM=1 if seeds_b is None else 2,
-        LOAD_X=load_x,
-        F64=group.dtype == torch.float64,
-        ALIGNED=group.aligned,
-        RNE_BF16=group.dtype == torch.bfloat16 and group.device.type != "cuda",
-        ROUNDS=rounds,
-        SUB=SUB,
-        num_warps=NUM_WARPS,
-    )
+    aligned = group.aligned and _ALIGNED_OK
+    for attempt in (0, 1):
+        try:
+            kernel[(group.num_blocks,)](
+                group.x0,
+                group.block_tensor,
+                group.meta,
+                scal_t,
+                NSTREAM=1 if seeds_b is None else 2,
+                LOAD_X=load_x,
+                F64=group.dtype == torch.float64,
+                CDT=tl.float64 if group.dtype == torch.float64 else tl.float32,
+                ALIGNED=aligned,
+                RNE_BF16=group.dtype == torch.bfloat16 and group.device.type != "cuda",
+                ROUNDS=rounds,
+                SUB=SUB,
+                num_warps=NUM_WARPS,
+            )
+            return
+        except Exception as err:  # an older Triton rejecting the alignment hints: drop them once
+            if not aligned or attempt:
+                raise
+            warnings.warn(
+                f"fused ZO kernel: alignment hints rejected ({err!r}); running without them.", stacklevel=2
+            )
+            _ALIGNED_OK = aligned = False
 
 
 Term = tuple[DirectionKey, "float | Sequence[float]"]
@@ -323,7 +377,7 @@ class FusedGaussianDirections(Directions):
                 "Use GaussianDirections / fused=False for the torch path."
             )
         self.rounds = rounds
-        self._groups: dict[tuple, _Group] = {}
+        self._plans: dict[tuple, _Plan] = {}
         self.preapplied: tuple[DirectionKey, float] | None = None
 
     def state_dict(self) -> dict:
@@ -336,15 +390,17 @@ class FusedGaussianDirections(Directions):
                 "pass the same rounds to resume the same directions."
             )
 
-    # ------------------------------------------------------------------ grouping
-    def _group(self, tensors: list[Tensor]) -> _Group:
-        key = tuple((t.data_ptr(), t.numel(), t.dtype, t.device) for t in tensors)
-        group = self._groups.get(key)
-        if group is None:
-            if len(self._groups) > 64:
-                self._groups.clear()
-            group = self._groups[key] = _Group(tensors)
-        return group
+    # ------------------------------------------------------------------ launch plans
+    def _plan(self, params: list[Tensor]) -> _Plan:
+        """Buckets by (device, dtype) with their cached launch groups; rebuilt if storage moved."""
+        ids = tuple(map(id, params))
+        ptrs = [p.data_ptr() for p in params]
+        plan = self._plans.get(ids)
+        if plan is None or plan.ptrs != ptrs:
+            if len(self._plans) > 16:
+                self._plans.clear()
+            plan = self._plans[ids] = _Plan(params, ptrs)
+        return plan
 
     @staticmethod
     def _check(param: Tensor) -> None:
@@ -371,28 +427,17 @@ class FusedGaussianDirections(Directions):
         params = list(params)
         if not params:
             return
-        indices = list(range(len(params))) if indices is None else list(indices)
         n = len(params)
+        idx = np.arange(n) if indices is None else np.asarray(list(indices), dtype=np.int64)
 
         def per_param(v: float | Sequence[float]) -> np.ndarray:
-            arr = np.broadcast_to(np.asarray(v, dtype=np.float64), (n,))
-            return np.ascontiguousarray(arr)
+            return np.ascontiguousarray(np.broadcast_to(np.asarray(v, dtype=np.float64), (n,)))
 
         betas = per_param(beta)
-        prepared = [(key, per_param(alpha)) for key, alpha in terms]
-        if not prepared:
-            prepared = [(DirectionKey(0, 0, 0), np.zeros(n))]
-        seeds = [tensor_seeds(key, indices) for key, _ in prepared]
-        buckets: dict[tuple, list[int]] = {}
-        for pos, p in enumerate(params):
-            self._check(p)
-            if p.numel():
-                buckets.setdefault((p.device, p.dtype, p.is_contiguous()), []).append(pos)
+        prepared = [(key, per_param(alpha)) for key, alpha in terms] or [(DirectionKey(0, 0, 0), np.zeros(n))]
+        seeds = [tensor_seeds(key, idx) for key, _ in prepared]
         with torch.no_grad():
-            for (_, _, contiguous), positions in buckets.items():
-                sel = np.asarray(positions)
-                tensors = [params[i] if contiguous else params[i].contiguous() for i in positions]
-                group = self._group(tensors)
+            for sel, group, positions in self._plan(params).buckets():
                 for first in range(0, len(prepared), 2):
                     two = len(prepared) - first > 1
                     _launch(
@@ -401,12 +446,12 @@ class FusedGaussianDirections(Directions):
                         prepared[first][1][sel],
                         seeds[first + 1][sel] if two else None,
                         prepared[first + 1][1][sel] if two else None,
-                        betas[sel] if first == 0 else np.ones(len(positions)),
+                        betas[sel] if first == 0 else np.ones(len(sel)),
                         True,
                         self.rounds,
                     )
-                if not contiguous:
-                    for i, t in zip(positions, tensors, strict=True):
+                if positions is not None:  # non-contiguous parameters were updated on copies
+                    for i, t in zip(positions, group.tensors, strict=True):
                         params[i].copy_(t)
 
     def perturb_(self, params: Iterable[Tensor], key: DirectionKey, scale: float) -> None:

@@ -1,0 +1,384 @@
+"""Time one ZO step against two forwards: torch path, fused Triton path, a MeZO-style baseline, FO AdamW.
+
+For a Llama-architecture model with random bf16 weights (built from a ``LlamaConfig``, no hub), in
+one process and on one device, each variant is warmed up and then timed per step (device
+synchronised around every step, median reported), with the peak allocated memory of each:
+
+* ``forward``: one forward with the loss, ``torch.no_grad`` (what a ZO step does twice);
+* ``pass``: one read+write pass over all parameters (``torch._foreach_mul_(params, 1.0)``), the unit
+  of the floor ``2·forward + 2·pass``;
+* ``kernel1`` / ``kernel2``: one fused-kernel pass adding one / two Philox directions;
+* ``zo_torch``: :class:`~lightning_zobi.zo.optim.ZOSGD` on the torch path (3 passes, ``torch.randn``);
+* ``zo_fused3``: :class:`~lightning_zobi.zo.fused.FusedZOSGD`, no look-ahead (3 fused passes);
+* ``zo_fused``: ``FusedZOSGD`` with the model guarded, so the next ``+εz`` is folded (2 passes);
+* ``zo_fused_r7``: the same with 7 Philox rounds instead of 10;
+* ``mezo``: a faithful MeZO-style step written here (Malladi et al., arXiv 2305.17333, as their
+  trainer does it): ``torch.manual_seed(s)`` then per parameter
+  ``z = torch.normal(0, 1, size, dtype)`` and ``param.data = param.data + scale * z * eps``, for
+  +1, -2, +1, then the update regenerates ``z`` again: 4 passes;
+* ``lozo``: the LOZO rule (rank 2) on its torch path, for reference;
+* ``adamw``: first-order training step (forward + backward + fused ``torch.optim.AdamW``).
+
+Ratios are to ``2 × forward``; memory ratios to the forward's peak (inference).
+
+Run (GPU):  python benchmarks/zo_step.py                      # shapes 1.1b (16×256) and 6.7b (8×256)
+Run (CPU):  python benchmarks/zo_step.py --tiny               # a tiny Llama, smoke test of every path
+Writes benchmarks/results/zo_step.json (``--tiny``: zo_step_tiny.json) or ``--out``; prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_zobi.zo.optim import ZOSGD, build_optimizer
+
+SHAPES: dict[str, dict[str, Any]] = {
+    # TinyLlama-1.1B's architecture
+    "1.1b": dict(
+        config=dict(
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=22,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            vocab_size=32000,
+        ),
+        batch=(16, 256),
+    ),
+    # Llama-2-7B's architecture (6.7 B parameters)
+    "6.7b": dict(
+        config=dict(
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            vocab_size=32000,
+        ),
+        batch=(8, 256),
+    ),
+    "tiny": dict(
+        config=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=256,
+        ),
+        batch=(2, 16),
+    ),
+}
+ALL_VARIANTS = [
+    "forward",
+    "pass",
+    "kernel1",
+    "kernel2",
+    "zo_torch",
+    "zo_fused3",
+    "zo_fused",
+    "zo_fused_r7",
+    "mezo",
+    "lozo",
+    "adamw",
+]
+FUSED_VARIANTS = {"kernel1", "kernel2", "zo_fused3", "zo_fused", "zo_fused_r7"}
+LR, EPS = 1e-7, 1e-3
+
+
+def build_model(shape: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """A randomly initialised ``LlamaForCausalLM`` of the named shape, directly on ``device``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**SHAPES[shape]["config"], max_position_embeddings=2048, use_cache=False)
+    cfg._attn_implementation = "sdpa"
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+class MeZOStyle:
+    """MeZO's step as its trainer writes it: 4 passes, ``torch.normal`` per parameter, out-of-place updates."""
+
+    def __init__(self, model: torch.nn.Module, lr: float, eps: float, weight_decay: float = 0.0) -> None:
+        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.lr, self.eps, self.wd = lr, eps, weight_decay
+        self.rng = torch.Generator().manual_seed(0)
+
+    def _perturb(self, seed: int, scaling: float) -> None:
+        torch.manual_seed(seed)
+        for _, param in self.named:
+            z = torch.normal(
+                mean=0, std=1, size=param.data.size(), device=param.data.device, dtype=param.data.dtype
+            )
+            param.data = param.data + scaling * z * self.eps
+
+    def step(self, closure: Callable[[], torch.Tensor]) -> float:
+        seed = int(torch.randint(0, 1_000_000_000, (1,), generator=self.rng))
+        self._perturb(seed, 1.0)
+        loss1 = closure()
+        self._perturb(seed, -2.0)
+        loss2 = closure()
+        projected_grad = float((loss1 - loss2) / (2 * self.eps))
+        self._perturb(seed, 1.0)
+        torch.manual_seed(seed)
+        for name, param in self.named:
+            z = torch.normal(
+                mean=0, std=1, size=param.data.size(), device=param.data.device, dtype=param.data.dtype
+            )
+            if "bias" not in name and "norm" not in name:
+                param.data = param.data - self.lr * (projected_grad * z + self.wd * param.data)
+            else:
+                param.data = param.data - self.lr * (projected_grad * z)
+        return float(loss1)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn: Callable[[], Any], device: torch.device, warmup: int, steps: int) -> dict[str, Any]:
+    """Median wall time of ``fn`` per call (synchronised) and the peak allocated memory over the calls."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    return {"ms": statistics.median(times), "ms_all": [round(t, 3) for t in times], "peak_gib": peak}
+
+
+class _Bench:
+    """One model, its batch and the step closure; :meth:`run` times one variant on it."""
+
+    def __init__(self, shape: str, device: torch.device) -> None:
+        self.device = device
+        self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        torch.manual_seed(0)
+        t0 = time.perf_counter()
+        self.model = build_model(shape, device, self.dtype)
+        self.build_s = time.perf_counter() - t0
+        b, s = SHAPES[shape]["batch"]
+        gen = torch.Generator().manual_seed(1)
+        self.batch = (b, s)
+        self.ids = torch.randint(0, SHAPES[shape]["config"]["vocab_size"], (b, s), generator=gen).to(device)
+
+    def params(self) -> list[torch.Tensor]:
+        return list(self.model.parameters())
+
+    def loss(self) -> torch.Tensor:
+        return self.model(input_ids=self.ids, labels=self.ids).loss
+
+    def closure(self) -> torch.Tensor:
+        with torch.no_grad():
+            return self.loss()
+
+    def run(self, name: str, warmup: int, steps: int) -> dict[str, Any]:
+        from lightning_zobi.zo.directions import DirectionKey
+        from lightning_zobi.zo.fused import FusedGaussianDirections, FusedZOSGD
+
+        params, dev = self.params(), self.device
+        if name == "forward":
+            return _time(lambda: float(self.closure()), dev, warmup, steps)
+        if name == "pass":
+            with torch.no_grad():
+                return _time(lambda: torch._foreach_mul_(params, 1.0), dev, warmup, steps)
+        if name in ("kernel1", "kernel2"):
+            dirs = FusedGaussianDirections()
+            terms = [(DirectionKey(0, 0, 0), 0.0)] + (
+                [(DirectionKey(0, 1, 0), 0.0)] if name == "kernel2" else []
+            )
+            return _time(lambda: dirs.apply_(params, terms), dev, warmup, steps)
+        if name == "mezo":
+            mezo = MeZOStyle(self.model, LR, EPS)
+            return _time(lambda: mezo.step(self.closure), dev, warmup, steps)
+        if name == "adamw":
+            self.model.train()
+            opt = torch.optim.AdamW(params, lr=1e-6, fused=dev.type == "cuda")
+
+            def fo_step() -> None:
+                self.loss().backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            try:
+                return _time(fo_step, dev, warmup, steps)
+            finally:
+                opt.zero_grad(set_to_none=True)
+                self.model.eval()
+        if name == "zo_torch":
+            zo = ZOSGD(params, lr=LR, eps=EPS)
+        elif name == "lozo":
+            zo = build_optimizer("lozo", params, lr=LR, eps=EPS, rank=2)
+        elif name in ("zo_fused3", "zo_fused", "zo_fused_r7"):
+            lookahead = False if name == "zo_fused3" else None
+            zo = FusedZOSGD(
+                params, lr=LR, eps=EPS, lookahead=lookahead, rounds=7 if name.endswith("r7") else 10
+            )
+            if lookahead is None:
+                zo.guard(self.model)  # folds the next +εz; outside forwards/state_dict unperturb first
+        else:
+            raise ValueError(f"unknown variant {name!r}; choose from {ALL_VARIANTS}")
+        try:
+            return _time(lambda: zo.step(self.closure), dev, warmup, steps)
+        finally:
+            if isinstance(zo, FusedZOSGD):
+                zo.unguard()
+
+
+def run_shape(
+    shape: str, variants: list[str], device: torch.device, warmup: int, steps: int
+) -> dict[str, Any]:
+    """Time every variant on one model shape; ratios to 2 × forward and to the forward's peak memory."""
+    from lightning_zobi.zo.fused import HAS_TRITON
+
+    bench = _Bench(shape, device)
+    out: dict[str, Any] = {
+        "params": sum(p.numel() for p in bench.params()),
+        "tensors": len(bench.params()),
+        "batch": list(bench.batch),
+        "dtype": str(bench.dtype),
+        "build_s": round(bench.build_s, 1),
+        "variants": {},
+    }
+    res = out["variants"]
+    for name in variants:
+        if name in FUSED_VARIANTS and not HAS_TRITON:
+            res[name] = {"skipped": "no triton"}
+            continue
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        try:
+            res[name] = bench.run(name, warmup, steps)
+        except torch.OutOfMemoryError as err:
+            res[name] = {"oom": str(err).splitlines()[0]}
+        except Exception as err:  # keep timing the other variants; the error is recorded
+            res[name] = {"error": repr(err)[:300]}
+        print(f"  {shape} {name}: {res[name].get('ms', res[name])}", flush=True)
+    fwd = res.get("forward", {}).get("ms")
+    fwd_peak = res.get("forward", {}).get("peak_gib")
+    for r in res.values():
+        if "ms" in r and fwd:
+            r["ratio_2fwd"] = r["ms"] / (2 * fwd)
+            if fwd_peak and fwd_peak == fwd_peak:  # not NaN
+                r["mem_ratio"] = r["peak_gib"] / fwd_peak
+    if fwd and "ms" in res.get("pass", {}):
+        out["floor_ratio"] = (2 * fwd + 2 * res["pass"]["ms"]) / (2 * fwd)
+    del bench
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = []
+    for shape, out in results["shapes"].items():
+        floor = out.get("floor_ratio")
+        lines.append(
+            f"\n{shape}: {out['params'] / 1e9:.2f} B params, batch {out['batch'][0]}×{out['batch'][1]}, {out['dtype']}"
+            + (f"; floor (2 fwd + 2 passes) = {floor:.3f}× 2 fwd" if floor else "")
+        )
+        lines.append(f"| {'variant':<12} | {'ms':>9} | {'× 2 fwd':>8} | {'peak GiB':>9} | {'× infer':>8} |")
+        lines.append(f"|{'-' * 14}|{'-' * 11}:|{'-' * 9}:|{'-' * 10}:|{'-' * 9}:|")
+        for name, r in out["variants"].items():
+            if "ms" not in r:
+                lines.append(f"| {name:<12} | {next(iter(r.values()))[:60]} |")
+                continue
+            lines.append(
+                f"| {name:<12} | {r['ms']:9.2f} | {r.get('ratio_2fwd', float('nan')):8.3f} | "
+                f"{r['peak_gib']:9.2f} | {r.get('mem_ratio', float('nan')):8.3f} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="a tiny Llama on CPU (smoke test of every path)")
+    parser.add_argument("--shapes", default="1.1b,6.7b", help="comma-separated shapes: 1.1b, 6.7b, tiny")
+    parser.add_argument(
+        "--variants", default=",".join(ALL_VARIANTS), help=f"comma-separated, from {ALL_VARIANTS}"
+    )
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    shapes = ["tiny"] if args.tiny else [s.strip() for s in args.shapes.split(",") if s.strip()]
+    for s in shapes:
+        if s not in SHAPES:
+            raise ValueError(f"--shapes has {s!r}; choose from {sorted(SHAPES)}.")
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for v in variants:
+        if v not in ALL_VARIANTS:
+            raise ValueError(f"--variants has {v!r}; choose from {ALL_VARIANTS}.")
+    if "forward" in variants:  # the reference of every ratio goes first
+        variants.remove("forward")
+        variants.insert(0, "forward")
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    results: dict[str, Any] = {
+        "meta": {
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "device": torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else platform.processor() or "cpu",
+            "torch": torch.__version__,
+            "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+            "warmup": args.warmup,
+            "steps": args.steps,
+            "lr": LR,
+            "eps": EPS,
+        },
+        "shapes": {},
+    }
+    try:
+        import transformers
+        import triton
+
+        results["meta"].update(transformers=transformers.__version__, triton=triton.__version__)
+    except ImportError:
+        pass
+    for shape in shapes:
+        print(f"shape {shape} on {device}", flush=True)
+        results["shapes"][shape] = run_shape(shape, variants, device, args.warmup, args.steps)
+    if "triton" in results["meta"]:
+        from lightning_zobi.zo import fused
+
+        results["meta"]["fused_alignment_hints"] = fused._ALIGNED_OK
+    out = args.out or Path(__file__).parent / "results" / (
+        "zo_step_tiny.json" if args.tiny else "zo_step.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    print(table(results))
+    print(f"\nwrote {out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
