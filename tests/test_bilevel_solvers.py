@@ -231,3 +231,16 @@ def test_from_module_keys_halves_and_parameter_override() -> None:
         BilevelProblem.from_module(model, upper_key="nope", lower_key="low").losses(batch)
     with pytest.raises(TypeError, match=r"\{'upper': f, 'lower': g\}"):
         BilevelProblem.from_module(model).losses(x)
+
+
+def test_keep_best_z_never_lets_the_gap_go_negative() -> None:
+    """A lagging copy (tiny inner steps) gives g(x, z) > g(x, y); the safeguard takes z ← y instead."""
+
+    def gaps(keep: bool) -> list[float]:
+        model = CoupledQuadratic(1.0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        solver = ValueFunctionPenalty(_problem(model), opt, gamma=5.0, inner_lr=1e-3, keep_best_z=keep)
+        return [row["gap"] for row in _run(solver, 60)]
+
+    assert min(gaps(False)) < -1e-3  # the copy falls behind y without the safeguard
+    assert min(gaps(True)) >= 0.0

@@ -54,6 +54,12 @@ class ValueFunctionPenalty(BilevelSolver):
         inner_lr: ``β``, the inner step on ``z`` (SGD: about ``1/L_g``).
         inner_optimizer: ``"sgd"`` or ``"adam"`` for ``z`` (see :class:`InnerCopy`).
         reset_inner: re-copy ``z ← y`` before each inner loop instead of warm-starting.
+        keep_best_z: when ``g(x, z) > g(x, y)`` (the inner copy fell behind ``y``; checked with the
+            inner loop's last value, at no extra cost), take ``z ← y``: the ``x``-terms of the
+            penalty then cancel for this step. ``v(x) ≤ g(x, y)`` always holds, so ``y`` is
+            the better estimate of the value function then; without this, ``x`` is pushed to make
+            ``g(x, z)`` worse (the penalty rewards a negative gap). A safeguard of this package,
+            not of the papers; it never triggers when ``z`` is accurate. The logged gap is then ``≥ 0``.
         max_grad_norm: optional clipping of the ``x ∪ y`` gradient norm before the update.
     """
 
@@ -69,9 +75,11 @@ class ValueFunctionPenalty(BilevelSolver):
         inner_lr: float = 1e-2,
         inner_optimizer: str = "sgd",
         reset_inner: bool = False,
+        keep_best_z: bool = True,
         max_grad_norm: float | None = None,
     ) -> None:
         super().__init__(problem, gamma, max_grad_norm)
+        self.keep_best_z = keep_best_z
         if not isinstance(inner_steps, int) or inner_steps < 1:
             raise ValueError(
                 f"inner_steps={inner_steps!r} is invalid: the value-function penalty needs K >= 1."
@@ -95,21 +103,29 @@ class ValueFunctionPenalty(BilevelSolver):
         problem = self.problem
         joint = problem.joint_params
         clear_grads(joint)
-        self.inner.run(problem, batch, self.inner_steps)
-        # −γ ∇_{x∖y} g(x, z): accumulated straight into .grad of the upper-only tensors.
-        x_only = problem.upper_only_params
-        with swapped(problem.lower_params, self.z):
-            g_z = problem.lower(batch)
-            if x_only and gamma:
-                (-gamma * g_z).backward(inputs=x_only)
-        g_z_value = float(g_z.detach())
-        del g_z
+        g_z_before = self.inner.run(problem, batch, self.inner_steps)  # g(x, z) before the last inner step
         f, g = problem.losses(batch)
-        (f + gamma * g).backward(inputs=joint)
+        f_value, g_value = float(f.detach()), float(g.detach())
+        if self.keep_best_z and g_z_before > g_value:
+            # The copy fell behind y: z ← y. Then γ(∇ₓg(x, y) − ∇ₓg(x, z)) = 0 and only y feels γ g.
+            self.inner.adopt()
+            f.backward(inputs=joint, retain_graph=True)
+            (gamma * g).backward(inputs=problem.lower_params)
+            g_z_value = g_value
+        else:
+            (f + gamma * g).backward(inputs=joint)
+            del f, g
+            # −γ ∇_{x∖y} g(x, z): accumulated straight into .grad of the upper-only tensors.
+            x_only = problem.upper_only_params
+            with swapped(problem.lower_params, self.z):
+                g_z = problem.lower(batch)
+                if x_only and gamma:
+                    (-gamma * g_z).backward(inputs=x_only)
+            g_z_value = float(g_z.detach())
+            del g_z
         self._clip(joint)
         self.optimizer.step()
         clear_grads(joint)
-        f_value, g_value = float(f.detach()), float(g.detach())
         gap = g_value - g_z_value
         return {"f": f_value, "g": g_value, "gap": gap, "gamma": gamma, "objective": f_value + gamma * gap}
 
@@ -222,6 +238,12 @@ class InnerCopy:
                 clear_grads(self.z)
             clear_grads(lower)
         return value
+
+    def adopt(self) -> None:
+        """``z ← y``: take the current lower parameters as the inner solution (optimizer state kept)."""
+        with torch.no_grad():
+            for t, p in zip(self.z, self.lower, strict=True):
+                t.copy_(p)
 
     def state_dict(self) -> dict[str, Any]:
         return {"z": [t.detach().clone() for t in self.z], "optimizer": self.optimizer.state_dict()}

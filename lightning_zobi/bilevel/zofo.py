@@ -51,6 +51,8 @@ class BilevelZOFO(BilevelSolver):
             :class:`~lightning_zobi.zo.ZOOptimizer` over the upper params.
         zo_lr, eps, queries, difference, seed, max_nonfinite, zo_kwargs: passed to the ZO rule.
         reset_inner: re-copy ``z ← y`` before each inner loop instead of warm-starting.
+        keep_best_z: before the ZO step, compare ``g(x, z)`` with ``g(x, y)`` (two forwards) and take
+            ``z ← y`` when the copy fell behind (see :class:`~lightning_zobi.bilevel.ValueFunctionPenalty`).
         max_grad_norm: optional clipping of the adapter gradient norm.
     """
 
@@ -74,9 +76,11 @@ class BilevelZOFO(BilevelSolver):
         max_nonfinite: int = 5,
         zo_kwargs: dict[str, Any] | None = None,
         reset_inner: bool = False,
+        keep_best_z: bool = True,
         max_grad_norm: float | None = None,
     ) -> None:
         super().__init__(problem, gamma, max_grad_norm)
+        self.keep_best_z = keep_best_z
         if not isinstance(inner_steps, int) or inner_steps < 1:
             raise ValueError(
                 f"inner_steps={inner_steps!r} is invalid: Bilevel ZOFO needs K >= 1 inner steps."
@@ -136,6 +140,13 @@ class BilevelZOFO(BilevelSolver):
             self._clip(lower)
             self.optimizer.step()
             clear_grads(lower)
+        if self.keep_best_z:
+            with torch.no_grad():
+                g_y = float(problem.lower(batch))
+                with swapped(lower, self.z):
+                    g_z = float(problem.lower(batch))
+            if g_z > g_y:
+                self.inner.adopt()
 
         seen: list[tuple[float, float, float]] = []
 
