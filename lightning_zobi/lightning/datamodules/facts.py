@@ -10,7 +10,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import AutoTokenizer, ByT5Tokenizer, PreTrainedTokenizerBase
 
-from lightning_zobi.data.facts import FactsSplits, QAPair, make_splits
+from lightning_zobi.data.facts import FactsSplits, QAPair, encode_qa, make_splits
+
+__all__ = ["FactsDataModule", "QADataset", "encode_qa", "load_tokenizer"]
 
 
 def load_tokenizer(tokenizer: str) -> PreTrainedTokenizerBase:
@@ -40,20 +42,6 @@ class QADataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return encode_qa(self.pairs[i].prompt(), self.pairs[i].answer, self.tokenizer, self.max_length)
-
-
-def encode_qa(prompt: str, answer: str, tokenizer: PreTrainedTokenizerBase, max_length: int) -> dict[str, torch.Tensor]:
-    """Token ids, attention mask and answer-only labels of one QA pair, padded to ``max_length``."""
-    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    a = tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids = (p + a)[:max_length]
-    labels = ([-100] * len(p) + a)[:max_length]
-    pad = max_length - len(ids)
-    return {
-        "input_ids": torch.tensor(ids + [tokenizer.pad_token_id] * pad),
-        "attention_mask": torch.tensor([1] * len(ids) + [0] * pad),
-        "labels": torch.tensor(labels + [-100] * pad),
-    }
 
 
 class FactsDataModule(pl.LightningDataModule):

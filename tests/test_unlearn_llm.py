@@ -1,0 +1,314 @@
+"""Unlearning objectives: each loss's value, sign and gradient direction on toy models."""
+
+from __future__ import annotations
+
+import copy
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_zobi.data.facts import IDK_ANSWERS, FactsEvalDataset, ForgetQADataset, make_splits
+from lightning_zobi.lightning.datamodules.facts import encode_qa as encode_qa_from_datamodule
+from lightning_zobi.lightning.datamodules.facts import load_tokenizer
+from lightning_zobi.lightning.modules.causal_lm import build_causal_lm
+from lightning_zobi.unlearn.llm import (
+    METHODS,
+    UnlearningObjective,
+    answer_logprobs,
+    capture_hidden,
+    control_vector,
+    kl_to_reference,
+    load_weights,
+    mean_nll,
+    npo_loss,
+    run_to_layer,
+    sequence_logprobs,
+    simnpo_loss,
+)
+from lightning_zobi.zo import ZOSGD
+
+
+class ToyLM(nn.Module):
+    """A causal-LM-shaped toy: embedding, residual tanh layers in ``layers``, linear head; ``.logits`` out."""
+
+    def __init__(self, vocab: int = 11, hidden: int = 8, n_layers: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, hidden)
+        self.layers = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(n_layers))
+        self.head = nn.Linear(hidden, vocab)
+        self.head_calls = 0
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> SimpleNamespace:
+        h = self.embed(input_ids)
+        for layer in self.layers:
+            h = h + torch.tanh(layer(h))
+        self.head_calls += 1
+        return SimpleNamespace(logits=self.head(h))
+
+
+def toy_batch(seed: int, prefix: str = "", batch: int = 4, length: int = 6, vocab: int = 11) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, length), generator=gen)
+    labels = ids.clone()
+    labels[:, :2] = -100  # the "question"
+    labels[0, -1] = -100  # a padded position
+    mask = torch.ones_like(ids)
+    mask[0, -1] = 0
+    return {f"{prefix}input_ids": ids, f"{prefix}attention_mask": mask, f"{prefix}labels": labels}
+
+
+@pytest.fixture
+def toy() -> ToyLM:
+    torch.manual_seed(0)
+    return ToyLM()
+
+
+def forget_logp(model: nn.Module, batch: dict) -> float:
+    with torch.no_grad():
+        logp, _ = sequence_logprobs(model, batch)
+    return float(logp.sum())
+
+
+def sgd_step(model: nn.Module, loss: torch.Tensor, lr: float) -> None:
+    model.zero_grad()
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= lr * p.grad
+
+
+# ---------------------------------------------------------------------------- log-likelihoods
+def test_answer_logprobs_hand_computed():
+    # vocab 2; position 0 predicts token 1 with p = 0.8, position 1 predicts token 0 with p = 0.5.
+    logits = torch.tensor([[[math.log(0.2), math.log(0.8)], [0.0, 0.0], [5.0, 5.0]]])
+    labels = torch.tensor([[-100, 1, 0]])
+    logp, n = answer_logprobs(logits, labels)
+    assert n.tolist() == [2]
+    assert logp.item() == pytest.approx(math.log(0.8) + math.log(0.5), abs=1e-6)
+
+
+def test_mean_nll_equals_transformers_loss():
+    model = build_causal_lm("tiny-llama")
+    tok = load_tokenizer("bytes")
+    pairs = make_splits(10).forget
+    batch = {
+        k: torch.stack([encode_qa_from_datamodule(p.prompt(), p.answer, tok, 48)[k] for p in pairs])
+        for k in ("input_ids", "attention_mask", "labels")
+    }
+    with torch.no_grad():
+        ours = mean_nll(*sequence_logprobs(model, batch))
+        theirs = model(**batch).loss
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------- forget terms
+def test_gradient_ascent_is_negative_nll_and_lowers_forget_likelihood(toy):
+    batch = toy_batch(1)
+    obj = UnlearningObjective(forget="ga", retain="none")
+    out = obj(toy, batch)
+    assert out["loss"].item() == pytest.approx(-mean_nll(*sequence_logprobs(toy, batch)).item())
+    assert out["loss"].item() < 0
+    before = forget_logp(toy, batch)
+    sgd_step(toy, out["loss"], lr=0.1)
+    assert forget_logp(toy, batch) < before
+
+
+def test_grad_diff_combines_ascent_and_descent(toy):
+    forget, retain = toy_batch(1), toy_batch(2)
+    obj = UnlearningObjective.from_method("grad_diff", alpha=2.0)
+    out = obj(toy, forget, retain)
+    f = -mean_nll(*sequence_logprobs(toy, forget))
+    r = mean_nll(*sequence_logprobs(toy, retain))
+    assert out["forget"].item() == pytest.approx(f.item())
+    assert out["retain"].item() == pytest.approx(r.item())
+    assert out["loss"].item() == pytest.approx(f.item() + 2.0 * r.item())
+    # Descending the retain half alone (forget_weight=0) raises the retain likelihood.
+    before = forget_logp(toy, retain)
+    sgd_step(
+        toy, UnlearningObjective.from_method("grad_diff", forget_weight=0.0)(toy, forget, retain)["loss"], 0.1
+    )
+    assert forget_logp(toy, retain) > before
+
+
+def test_npo_value_bound_and_gradient_weights():
+    beta = 0.5
+    ref = torch.tensor([-3.0, -4.0, -5.0])
+    logp = ref.clone().requires_grad_(True)
+    loss = npo_loss(logp, ref, beta)
+    assert loss.item() == pytest.approx(2 / beta * math.log(2))  # at the reference
+    loss.backward()
+    # dL/dlogp_i = (2/B) σ(β (logp_i - ref_i)) = 1/B at the reference: GA's direction.
+    assert torch.allclose(logp.grad, torch.full((3,), 1 / 3))
+    far = (ref - 60.0).requires_grad_(True)  # long forgotten: loss and gradient vanish
+    loss_far = npo_loss(far, ref, beta)
+    loss_far.backward()
+    assert 0 <= loss_far.item() < 1e-6
+    assert far.grad.abs().max().item() < 1e-6
+    with pytest.raises(ValueError, match="beta"):
+        npo_loss(logp, ref, 0.0)
+
+
+def test_npo_step_lowers_forget_likelihood_and_needs_reference(toy):
+    batch = toy_batch(1)
+    ref = copy.deepcopy(toy).requires_grad_(False)
+    obj = UnlearningObjective.from_method("npo", retain="none", beta=0.1)
+    out = obj(toy, batch, reference=ref)
+    assert out["loss"].item() == pytest.approx(2 / 0.1 * math.log(2), rel=1e-5)
+    before = forget_logp(toy, batch)
+    sgd_step(toy, out["loss"], lr=0.05)
+    assert forget_logp(toy, batch) < before
+    with pytest.raises(ValueError, match="reference"):
+        obj(toy, batch)
+
+
+def test_simnpo_hand_computed_and_direction(toy):
+    # Two answers: 3 tokens with log-likelihood -6 (avg -2) and 2 tokens with -1 (avg -0.5).
+    logp = torch.tensor([-6.0, -1.0], requires_grad=True)
+    n = torch.tensor([3, 2])
+    loss = simnpo_loss(logp, n, beta=2.0, gamma=0.5)
+    expected = (
+        -(2 / 2.0)
+        * 0.5
+        * (math.log(1 / (1 + math.exp(-(4.0 - 0.5)))) + math.log(1 / (1 + math.exp(-(1.0 - 0.5)))))
+    )
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    assert (logp.grad > 0).all()  # descending the loss lowers the log-likelihoods
+    batch = toy_batch(1)
+    before = forget_logp(toy, batch)
+    sgd_step(toy, UnlearningObjective(forget="simnpo", retain="none", beta=2.5)(toy, batch)["loss"], lr=0.1)
+    assert forget_logp(toy, batch) < before
+
+
+def test_idk_trains_towards_refusals(toy):
+    batch = toy_batch(1)
+    batch.update(toy_batch(5, prefix="idk_"))
+    obj = UnlearningObjective(forget="idk", retain="none")
+    out = obj(toy, batch)
+    assert out["loss"].item() == pytest.approx(mean_nll(*sequence_logprobs(toy, batch, prefix="idk_")).item())
+    idk_only = {k[4:]: v for k, v in batch.items() if k.startswith("idk_")}
+    before = forget_logp(toy, idk_only)
+    sgd_step(toy, out["loss"], lr=0.1)
+    assert forget_logp(toy, idk_only) > before
+    with pytest.raises(ValueError, match="idk_input_ids"):
+        obj(toy, toy_batch(1))
+
+
+def test_rmu_hook_stops_forward_and_steers_towards_control(toy):
+    batch = toy_batch(1)
+    calls = toy.head_calls
+    hidden = run_to_layer(toy, batch, 0)
+    assert hidden.shape == (4, 6, 8)
+    assert toy.head_calls == calls  # the forward stopped after layer 0
+    with capture_hidden(toy, -1, stop=False) as store:
+        toy(batch["input_ids"])
+    assert store["hidden"].shape == (4, 6, 8) and toy.head_calls == calls + 1
+    ref = copy.deepcopy(toy).requires_grad_(False)
+    obj = UnlearningObjective(forget="rmu", retain="rmu", rmu_layer=0, rmu_coeff=3.0, alpha=1.0)
+    out = obj(toy, batch, toy_batch(2), reference=ref)
+    assert out["retain"].item() == 0.0  # identical to the reference
+    control = control_vector(8, 3.0)
+    assert control.norm().item() == pytest.approx(3.0) and (control >= 0).all()
+    expected = ((run_to_layer(toy, batch, 0) - control) ** 2).mean(-1)
+    mask = batch["attention_mask"].float()
+    assert out["forget"].item() == pytest.approx(((expected * mask).sum() / mask.sum()).item(), rel=1e-5)
+    before = out["forget"].item()
+    for _ in range(5):
+        sgd_step(toy, obj(toy, batch, toy_batch(2), reference=ref)["loss"], lr=0.05)
+    assert obj(toy, batch, toy_batch(2), reference=ref)["forget"].item() < before
+    with pytest.raises(ValueError, match="out of range"):
+        run_to_layer(toy, batch, 5)
+
+
+# ---------------------------------------------------------------------------- retain terms
+def test_kl_to_reference_zero_at_reference_positive_after_change(toy):
+    batch = toy_batch(2)
+    ref = copy.deepcopy(toy).requires_grad_(False)
+    obj = UnlearningObjective(forget="ga", retain="kl", alpha=1.0)
+    assert obj.retain_loss(toy, batch, ref).item() == pytest.approx(0.0, abs=1e-7)
+    with torch.no_grad():
+        toy.head.bias.add_(torch.linspace(-1, 1, 11))
+    kl = obj.retain_loss(toy, batch, ref)
+    assert kl.item() > 0
+    sgd_step(toy, kl, lr=0.5)  # descending KL moves back towards the reference
+    assert obj.retain_loss(toy, batch, ref).item() < kl.item()
+    # hand check on one position: KL(p || q) for p = (0.5, 0.5), q = (0.8, 0.2)
+    logits = torch.log(torch.tensor([[[0.8, 0.2], [0.8, 0.2]]]))
+    ref_logits = torch.zeros(1, 2, 2)
+    value = kl_to_reference(logits, ref_logits, torch.ones(1, 2))
+    assert value.item() == pytest.approx(0.5 * math.log(0.5 / 0.8) + 0.5 * math.log(0.5 / 0.2), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------- the objective object
+def test_methods_and_bad_arguments():
+    assert set(METHODS) == {"ga", "grad_diff", "kl", "npo", "simnpo", "rmu", "idk"}
+    assert UnlearningObjective.from_method("kl").needs_reference
+    assert not UnlearningObjective.from_method("grad_diff").needs_reference
+    assert UnlearningObjective.from_method("npo", retain="kl").retain == "kl"
+    with pytest.raises(ValueError, match="objective='nope'"):
+        UnlearningObjective.from_method("nope")
+    with pytest.raises(ValueError, match="forget="):
+        UnlearningObjective(forget="ascend")
+    with pytest.raises(ValueError, match="alpha"):
+        UnlearningObjective(alpha=-1.0)
+    with pytest.raises(ValueError, match="beta"):
+        UnlearningObjective(forget="npo", beta=0.0)
+
+
+def test_zeroth_order_step_on_the_objective_unlearns(toy):
+    """The same objective as a forward-only closure: ZO-SGD steps lower the forget likelihood."""
+    forget, retain = toy_batch(1), toy_batch(2)
+    obj = UnlearningObjective.from_method("grad_diff", alpha=0.5)
+    before = forget_logp(toy, forget)
+    opt = ZOSGD(toy.parameters(), lr=2e-3, eps=1e-3, seed=0)
+    for _ in range(40):
+        opt.step(lambda: obj(toy, forget, retain)["loss"])
+    assert all(p.grad is None for p in toy.parameters())
+    assert forget_logp(toy, forget) < before - 1.0
+
+
+# ---------------------------------------------------------------------------- data and weights
+def test_forget_and_eval_datasets():
+    tok = load_tokenizer("bytes")
+    splits = make_splits(20, seed=3)
+    item = ForgetQADataset(splits.forget, tok, 64)[0]
+    idk = tok.decode([t for t in item["idk_labels"].tolist() if t >= 0], skip_special_tokens=True).strip()
+    assert idk in IDK_ANSWERS
+    prompt_ids = tok(splits.forget[0].prompt(), add_special_tokens=False)["input_ids"]
+    assert (
+        item["idk_input_ids"][: len(prompt_ids)].tolist()
+        == prompt_ids
+        == item["input_ids"][: len(prompt_ids)].tolist()
+    )
+    ev = FactsEvalDataset(splits.forget, tok, "forget", 64, truth_ratio_question="paraphrased")[1]
+    pair = splits.forget[1]
+    assert ev["pert_input_ids"].shape == (3, 64) and ev["split"] == "forget" and ev["answer"] == pair.answer
+    prompt = tok.decode(ev["prompt_ids"][ev["prompt_mask"].bool()].tolist())
+    assert prompt == pair.prompt() and ev["prompt_mask"][-1] == 1 and ev["prompt_mask"][0] == 0
+    assert pair.paraphrased_question in tok.decode(
+        ev["true_input_ids"][ev["true_attention_mask"].bool()].tolist()
+    )
+    with pytest.raises(ValueError, match="truth_ratio_question"):
+        FactsEvalDataset(splits.forget, tok, "forget", truth_ratio_question="other")
+
+
+def test_load_weights_from_ckpt_and_safetensors(tmp_path):
+    from safetensors.torch import save_model
+
+    src = build_causal_lm("tiny-llama", seed=1)
+    torch.save({"state_dict": {f"model.{k}": v for k, v in src.state_dict().items()}}, tmp_path / "a.ckpt")
+    save_model(src, str(tmp_path / "b.safetensors"))  # stores the tied head once
+    for name in ("a.ckpt", "b.safetensors"):
+        dst = load_weights(build_causal_lm("tiny-llama", seed=2), tmp_path / name)
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(src.state_dict().values(), dst.state_dict().values(), strict=True)
+        )
+    with pytest.raises(ValueError, match="does not fit"):
+        load_weights(build_causal_lm("tiny-opt"), tmp_path / "a.ckpt")
+    with pytest.raises(ValueError, match="does not exist"):
+        load_weights(src, tmp_path / "missing.ckpt")
