@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_zobi.lightning.callbacks.bilevel import Bilevel
 from lightning_zobi.lightning.callbacks.zero_order import ZeroOrder
 from lightning_zobi.lightning.strategies import ZODDPStrategy, ZOFSDPStrategy
 from lightning_zobi.zo.distributed import ParameterDivergenceError
@@ -44,6 +45,27 @@ class Regression(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+class AdaptedRegression(Regression):
+    """Base MLP (the ZO upper level) plus a LoRA-named output adapter (the first-order lower level)."""
+
+    def __init__(self, init_seed: int = 0) -> None:
+        super().__init__(init_seed)
+        self.lora_out = nn.Parameter(torch.zeros(1))
+
+    def _loss(self, batch) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x) + self.lora_out, y)
+
+    def upper_loss(self, batch) -> torch.Tensor:
+        return self._loss(batch)
+
+    def lower_loss(self, batch) -> torch.Tensor:
+        return self._loss(batch) + 0.1 * self.lora_out.pow(2).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([self.lora_out], lr=0.05)
 
 
 class ShardedRegression(Regression):
@@ -107,6 +129,20 @@ def run(scenario: str) -> dict:
         callbacks.append(ZeroOrder(**ZO_ARGS))
     if scenario == "diverge":
         callbacks.append(_BreakRank1())
+    if scenario == "zofo":  # Bilevel ZOFO: ZO base-model upper level, first-order adapter lower level
+        module = AdaptedRegression(init_seed=0 if rank == 0 else 123)
+        callbacks.append(
+            Bilevel(
+                solver="zofo",
+                gamma=1.0,
+                inner_steps=1,
+                inner_lr=0.05,
+                zo_lr=0.05,
+                eps=1e-3,
+                queries=2,
+                seed=3,
+            )
+        )
     if scenario == "fsdp":
         module = ShardedRegression(init_seed=0)
         callbacks.append(ZeroOrder(**ZO_ARGS))
@@ -130,6 +166,9 @@ def run(scenario: str) -> dict:
     zo = [cb for cb in callbacks if isinstance(cb, ZeroOrder)]
     if zo and zo[0].zo_optimizers and zo[0].zo_optimizers[0].last_estimate is not None:
         out["last_queries"] = [k.query for k in zo[0].zo_optimizers[0].last_estimate.keys]
+    solver = getattr(callbacks[0], "solver", None) if callbacks else None
+    if solver is not None:
+        out["zo_steps"] = solver.zo.zo_step
     return out
 
 

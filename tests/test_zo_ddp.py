@@ -34,7 +34,7 @@ from lightning_zobi.zo.sharded import (  # noqa: E402
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-SCENARIOS = ("shared", "per_rank", "diverge", "fo", "fsdp")
+SCENARIOS = ("shared", "per_rank", "diverge", "fo", "fsdp", "zofo")
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], **tol:
         torch.testing.assert_close(a[name], b[name], **tol, msg=lambda m, n=name: f"{n}: {m}")
 
 
-@pytest.mark.parametrize("scenario", ["shared", "per_rank", "fo", "fsdp"])
+@pytest.mark.parametrize("scenario", ["shared", "per_rank", "fo", "fsdp", "zofo"])
 def test_ranks_end_bit_identical(ranks, scenario):
     r0, r1 = ranks[scenario, 0], ranks[scenario, 1]
     assert "error" not in r0 and "error" not in r1
@@ -137,12 +137,16 @@ def test_per_rank_seeds_are_an_n_query_estimate(ranks):
     assert any(not torch.allclose(got[n], shared[n]) for n in got)
 
 
-@pytest.mark.parametrize("scenario", ["shared", "per_rank", "fsdp"])
+@pytest.mark.parametrize("scenario", ["shared", "per_rank", "fsdp", "zofo"])
 def test_bytes_per_step_at_most_eight_per_query(ranks, scenario):
     for rank in (0, 1):
         sent = ranks[scenario, rank]["bytes_per_step"]
         assert 0 < sent <= 8 * worker.ZO_ARGS["queries"]
-        assert ranks[scenario, rank]["fo_bytes_total"] == 0
+        fo_bytes = ranks[scenario, rank]["fo_bytes_total"]
+        if scenario == "zofo":  # the adapter's gradient (1 float64) is averaged once per step
+            assert fo_bytes == 8 * worker.STEPS and ranks[scenario, rank]["zo_steps"] == worker.STEPS
+        else:
+            assert fo_bytes == 0
 
 
 def test_divergence_is_caught_and_names_the_parameter(ranks):

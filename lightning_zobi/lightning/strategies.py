@@ -50,20 +50,22 @@ from lightning_zobi.zo.optim import ZOOptimizer
 from lightning_zobi.zo.sharded import DEFAULT_CHUNK, is_sharded, use_sharded_directions
 
 
-def find_zo_optimizers(trainer: pl.Trainer) -> list[Optimizer]:
-    """Every optimizer the strategy must keep rank-consistent.
+def find_zo_optimizers(trainer: pl.Trainer) -> list[ZOOptimizer]:
+    """Every ZO optimizer the strategy must keep rank-consistent.
 
     The strategy's own optimizers (after ``ZeroOrder``/``QZO`` swapped in their ZO rules; a
     wrapper's ``inner`` optimizer), the ``zo_optimizers`` a callback exposes, and the ZO rule of a
-    callback's ``solver`` (the Bilevel ZOFO upper level).
+    callback's ``solver`` (the Bilevel ZOFO upper level). First-order optimizers are attached once
+    in ``setup`` (before callbacks wrap them), not here.
     """
-    found: dict[int, Optimizer] = {}
+    found: dict[int, ZOOptimizer] = {}
 
     def add(opt: Any) -> None:
         if isinstance(opt, LightningOptimizer):
             opt = opt._optimizer
-        if isinstance(opt, Optimizer) and id(opt) not in found:
-            found[id(opt)] = opt
+        if isinstance(opt, ZOOptimizer):
+            found.setdefault(id(opt), opt)
+        elif isinstance(opt, Optimizer):
             add(getattr(opt, "inner", None))
 
     for opt in trainer.strategy.optimizers:
@@ -119,12 +121,11 @@ class _ScalarSyncMixin:
         """Attach new ZO optimizers, step, count the bytes sent, and check agreement every K steps."""
         assert self.sync is not None, f"{type(self).__name__}.setup() has not run"
         module = self.lightning_module  # type: ignore[attr-defined]
-        zo_found = False
-        for opt in find_zo_optimizers(module.trainer):
+        found = find_zo_optimizers(module.trainer)
+        for opt in found:
             self._prepare_optimizer(opt)
             self.sync.attach(opt)
-            zo_found = zo_found or isinstance(opt, ZOOptimizer)
-        if not zo_found and self.steps_taken == 0:
+        if not found and self.steps_taken == 0:
             rank_zero_warn(
                 f"{type(self).__name__} found no ZO optimizer (add the ZeroOrder callback); first-order gradients "
                 "are averaged inside optimizer.step, which is slower than Lightning's own DDP/FSDP."
