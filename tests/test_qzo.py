@@ -262,3 +262,24 @@ def test_torchao_int4_weight_only_scales_on_cpu() -> None:
     with torch.no_grad():
         assert lm_loss(model, x).item() < loss0 - 0.05
     assert scales.codes_fingerprint() == fingerprint
+
+
+def test_memory_benchmark_runs_tiny_on_cpu(tmp_path) -> None:
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "qzo_memory.py"
+    spec = importlib.util.spec_from_file_location("qzo_memory", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "qzo.json"
+    bench.main(["--tiny", "--steps", "1", "--warmup", "1", "--out", str(out)])
+    report = json.loads(out.read_text())
+    results = {r["mode"]: r for r in report["results"]}
+    assert set(results) == {"bf16_inference", "bf16_zo", "bf16_fo_adamw", "qzo"}
+    assert not any("error" in r for r in results.values())
+    infer, fo, qzo = results["bf16_inference"], results["bf16_fo_adamw"], results["qzo"]
+    assert qzo["model_bytes"] < infer["model_bytes"]  # 4-bit linear layers
+    assert fo["peak_bytes"] >= 3 * infer["model_bytes"]  # + gradients + two AdamW moments
+    assert qzo["quantized_layers"] == 14 and qzo["trainable_scales"] > 0

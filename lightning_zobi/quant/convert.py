@@ -48,7 +48,7 @@ def quantize_linear_4bit_(
         raise ValueError(f"quant_type={quant_type!r} is invalid: bitsandbytes 4-bit supports 'nf4' or 'fp4'.")
     pattern = re.compile(skip) if skip else None
     targets = [
-        (name, mod)
+        name
         for name, mod in model.named_modules()
         if type(mod) is nn.Linear and not (pattern is not None and pattern.search(name))
     ]
@@ -57,9 +57,10 @@ def quantize_linear_4bit_(
             f"quantize_linear_4bit_ found no nn.Linear layer to quantize in {type(model).__name__} (skip={skip!r})."
         )
     done = []
-    for name, linear in targets:
+    for name in targets:  # by name, so each full-precision weight is freed as soon as it is replaced
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
+        linear = getattr(parent, child)
         weight = linear.weight.data
         q = bnb.nn.Linear4bit(
             linear.in_features,
