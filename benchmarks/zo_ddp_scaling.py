@@ -188,6 +188,7 @@ def worker(args: argparse.Namespace) -> None:
         seconds = timed(lambda opt=opt: opt.step(lambda: loss_fn(model)), args.steps, args.warmup, device)
         sent = (sync.zo_bytes_total - before) // (args.steps + args.warmup) if sync else 0
         record(run, world if mode else 1, seconds, sent)
+        rows[-1]["optimizer_class"] = type(opt).__name__
         del opt
 
     # First-order AdamW: one GPU, then DistributedDataParallel.

@@ -1,24 +1,30 @@
-"""``ZODDPStrategy`` ("zo_ddp"): data-parallel ZO training that sends one float per query, not gradients.
+"""ZO strategies: ``"zo_ddp"`` sends one float per query instead of gradients; ``"zo_fsdp"`` shards.
 
-How it hooks into Lightning, and why there. Lightning's ``DDPStrategy`` launches the processes
+How they hook into Lightning, and why there. Lightning's ``DDPStrategy`` launches the processes
 (``torchrun``-style subprocesses, spawn or fork), sets up the process group and the distributed
 sampler, then wraps the module in ``DistributedDataParallel`` so that ``backward`` all-reduces
 gradients. A ZO step has no backward and no gradient: ranks stay identical when they start from
 the same parameters and apply the same seeded directions with the same projected gradients. So
-this strategy keeps everything of ``DDPStrategy`` but :meth:`setup`, which
+:class:`ZODDPStrategy` keeps everything of ``DDPStrategy`` but :meth:`~ZODDPStrategy.setup`, which
 
 1. does **not** wrap the module (``self.model`` stays the LightningModule: no buckets, no hooks,
    no extra memory);
 2. broadcasts rank 0's parameters and buffers once, and checks them;
 
-and :meth:`optimizer_step`, which before every step attaches each ZO optimizer (those of
+and ``optimizer_step``, which before every step attaches each ZO optimizer (those of
 ``ZeroOrder`` / ``QZO``, and the Bilevel ZOFO upper level) to a
 :class:`~lightning_zobi.zo.distributed.ZODataParallel`: its ``grad_reducer`` becomes an
 all-reduce mean of the ``q`` projected gradients (``query_seeds="shared"``), or each rank
-evaluates its own ``q`` of ``N·q`` queries and the values are all-gathered (``"per_rank"``). First-order
-optimizers the strategy holds (the Bilevel ZOFO adapter's, the ZO/FO hybrid's head) average their
-gradients inside their ``step``. Every ``check_every`` steps a bit checksum of every parameter is
-compared across ranks and a divergence stops the run naming the first differing parameter.
+evaluates its own ``q`` of ``N·q`` queries and the values are all-gathered (``"per_rank"``).
+First-order optimizers the module configured (the Bilevel ZOFO adapter's, the ZO/FO hybrid's
+head) average their gradients inside their ``step``. Every ``check_every`` steps a bit checksum of
+every parameter is compared across ranks and a divergence stops the run naming the first
+differing parameter. (Bilevel ZOFO's inner copy ``z`` of the adapter is solver state, not a
+parameter: each rank keeps its own, fitted to its own batches.)
+
+:class:`ZOFSDPStrategy` does the same on Lightning's ``ModelParallelStrategy`` (FSDP2 / tensor
+parallel) for models larger than one GPU, with directions generated per shard from seeds keyed by
+the global element offset (:mod:`lightning_zobi.zo.sharded`).
 
 Paper: MeZO, "Fine-Tuning Language Models with Just Forward Passes" (Malladi et al., arXiv
 2305.17333), whose seed trick makes the scalar exchange possible.
