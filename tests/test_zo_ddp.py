@@ -282,3 +282,25 @@ def test_chunked_normal_slices_agree_with_the_whole(start, stop):
     assert torch.equal(part, whole[start:stop])
     with pytest.raises(ValueError, match="start=4, stop=30"):
         chunked_normal(23, 4, 30, lambda c: c, torch.empty(0))
+
+
+@pytest.mark.slow
+def test_recipe_runs_with_the_subprocess_launcher(tmp_path):
+    """`zobi fit --config recipes/zo_ddp.yaml`: Lightning's popen launcher starts rank 1, a checkpoint is written."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "lightning_zobi.cli",
+        "fit",
+        "--config",
+        str(ROOT / "recipes" / "zo_ddp.yaml"),
+        "--trainer.max_steps=6",
+        "--trainer.val_check_interval=3",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.enable_progress_bar=false",
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "Starting with 2 processes" in proc.stdout + proc.stderr
+    assert list(tmp_path.rglob("*.ckpt"))
