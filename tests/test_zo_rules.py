@@ -548,3 +548,16 @@ def test_hybrid_runs_under_lightning_with_a_graph_loss_source(tmp_path: Path) ->
     with torch.no_grad():
         end = float(((module.head(torch.tanh(module.body(x))) - y) ** 2).mean())
     assert end < 0.5 * start
+
+
+def test_group_hyperparameters_carry_over_unless_passed_explicitly() -> None:
+    w, b, _ = _quadratic()
+    # groups as the ZeroOrder callback copies them from the module's AdamW (with its betas)
+    adam = ZOAdam([{"params": [w], "betas": (0.8, 0.99)}, {"params": [b]}], lr=1e-3)
+    assert adam.param_groups[0]["betas"] == (0.8, 0.99) and adam.param_groups[1]["betas"] == (0.9, 0.999)
+    adam = build_optimizer("zo_adam", [{"params": [w], "betas": (0.8, 0.99)}], lr=1e-3, betas=[0.5, 0.9])
+    assert adam.param_groups[0]["betas"] == (0.5, 0.9)
+    mom = build_optimizer("zo_sgd_momentum", [{"params": [w], "momentum": 0.5}, {"params": [b]}], lr=1e-3)
+    assert [g["momentum"] for g in mom.param_groups] == [0.5, 0.9]
+    with pytest.raises(ValueError, match="momentum"):
+        build_optimizer("zo_sgd_momentum", [{"params": [w], "momentum": 1.0}], lr=1e-3)

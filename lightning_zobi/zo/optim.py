@@ -272,12 +272,20 @@ def build_optimizer(name: str, params: Iterable[Any], **kwargs: Any) -> ZOOptimi
 # arguments (lr, eps, weight_decay, queries, difference, seed, max_nonfinite) plus its own.
 
 
-def _set_group_defaults(opt: Optimizer, **defaults: Any) -> None:
-    """Add rule hyper-parameters to ``opt.defaults`` and to every group that lacks them."""
-    opt.defaults.update(defaults)
-    for group in opt.param_groups:
-        for name, value in defaults.items():
-            group.setdefault(name, value)
+def _set_group_hparams(opt: Optimizer, **given: tuple[Any, Any]) -> None:
+    """Set rule hyper-parameters on the groups: ``name=(value passed or None, default)``.
+
+    A value passed explicitly is set on every group; otherwise a group keeps its own value (a
+    per-group setting, or one carried over from the module's optimizer, e.g. AdamW's ``betas``)
+    and gets the default when it has none.
+    """
+    for name, (value, default) in given.items():
+        opt.defaults[name] = default if value is None else value
+        for group in opt.param_groups:
+            if value is not None:
+                group[name] = value
+            else:
+                group.setdefault(name, default)
 
 
 def _check_beta(name: str, value: float) -> None:
@@ -301,6 +309,9 @@ class ZOSGDMomentum(ZOOptimizer):
     Memory-Efficient LLM Fine-Tuning: A Benchmark" (Zhang et al., arXiv 2402.11592), which
     benchmarks ZO-SGD-MMT.
 
+    ``momentum``/``dampening`` default to 0.9/0 unless a param group carries its own (e.g. from an
+    SGD the module configured); a value passed here applies to every group.
+
     Memory: one buffer per parameter (1× the trainable parameters, in their dtype).
     """
 
@@ -311,17 +322,18 @@ class ZOSGDMomentum(ZOOptimizer):
         eps: float = 1e-3,
         weight_decay: float = 0.0,
         *,
-        momentum: float = 0.9,
-        dampening: float = 0.0,
+        momentum: float | None = None,
+        dampening: float | None = None,
         **kwargs: Any,
     ) -> None:
-        _check_beta("momentum", momentum)
-        if not isinstance(dampening, (int, float)) or not 0.0 <= dampening <= 1.0:
-            raise ValueError(
-                f"dampening={dampening!r} is invalid: use a float in [0, 1] (0 is torch's default)."
-            )
         super().__init__(params, lr, eps, weight_decay, **kwargs)
-        _set_group_defaults(self, momentum=float(momentum), dampening=float(dampening))
+        _set_group_hparams(self, momentum=(momentum, 0.9), dampening=(dampening, 0.0))
+        for group in self.param_groups:
+            _check_beta("momentum", group["momentum"])
+            if not isinstance(group["dampening"], (int, float)) or not 0.0 <= group["dampening"] <= 1.0:
+                raise ValueError(
+                    f"dampening={group['dampening']!r} is invalid: use a float in [0, 1] (0 is torch's default)."
+                )
 
     def apply_rule(self, param: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         buf = state.get("momentum_buffer")
@@ -354,7 +366,8 @@ class ZOAdam(ZOOptimizer):
     (Chen et al., NeurIPS 2019, arXiv 1910.06513), as benchmarked for LLM fine-tuning in
     arXiv 2402.11592. ``m ← β₁m + (1−β₁)ĝ``, ``v ← β₂v + (1−β₂)ĝ²``, bias-corrected,
     ``θ ← θ − lr·m̂/(√v̂ + adam_eps)``. ``adam_eps`` is Adam's denominator guard, distinct from the
-    perturbation scale ``eps``.
+    perturbation scale ``eps``. ``betas`` default to (0.9, 0.999) unless a param group carries its
+    own (e.g. from the AdamW the module configured); a value passed here applies to every group.
 
     Memory: two buffers per parameter, **2× the trainable parameters** (as first-order Adam),
     which removes much of ZO's memory advantage on full fine-tuning; prefer it with LoRA.
@@ -367,20 +380,25 @@ class ZOAdam(ZOOptimizer):
         eps: float = 1e-3,
         weight_decay: float = 0.0,
         *,
-        betas: tuple[float, float] | list[float] = (0.9, 0.999),
-        adam_eps: float = 1e-8,
+        betas: tuple[float, float] | list[float] | None = None,
+        adam_eps: float | None = None,
         **kwargs: Any,
     ) -> None:
-        if len(betas) != 2:
-            raise ValueError(
-                f"betas={betas!r} is invalid: pass two floats (beta1, beta2), e.g. (0.9, 0.999)."
-            )
-        _check_beta("betas[0]", betas[0])
-        _check_beta("betas[1]", betas[1])
-        if not isinstance(adam_eps, (int, float)) or not adam_eps > 0:
-            raise ValueError(f"adam_eps={adam_eps!r} is invalid: use a float > 0 (1e-8 is Adam's default).")
         super().__init__(params, lr, eps, weight_decay, **kwargs)
-        _set_group_defaults(self, betas=(float(betas[0]), float(betas[1])), adam_eps=float(adam_eps))
+        _set_group_hparams(
+            self, betas=(tuple(betas) if betas is not None else None, (0.9, 0.999)), adam_eps=(adam_eps, 1e-8)
+        )
+        for group in self.param_groups:
+            if len(group["betas"]) != 2:
+                raise ValueError(
+                    f"betas={group['betas']!r} is invalid: pass two floats (beta1, beta2), e.g. (0.9, 0.999)."
+                )
+            _check_beta("betas[0]", group["betas"][0])
+            _check_beta("betas[1]", group["betas"][1])
+            if not isinstance(group["adam_eps"], (int, float)) or not group["adam_eps"] > 0:
+                raise ValueError(
+                    f"adam_eps={group['adam_eps']!r} is invalid: use a float > 0 (1e-8 is Adam's default)."
+                )
 
     def apply_rule(self, param: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         beta1, beta2 = group["betas"]
@@ -521,6 +539,7 @@ class LOZOM(LOZO):
     ``N ← β·N + (1−β)·mean_k g_k U_k`` and ``θ ← θ − lr · N Vᵀ / r``. When ``V`` is resampled the
     old momentum is carried into the new subspace as ``N ← N (V_oldᵀ V_new) / n`` (both ``V``
     regenerated from their seeds). Non-matrix parameters keep a dense EMA buffer of ``ĝ``.
+    ``beta`` defaults to 0.9 unless a param group carries its own.
 
     Memory: ``m·r`` per 2-D weight (e.g. 0.4 % of a 4096×4096 weight at r=8) plus the full size of
     the non-matrix parameters (biases, norms); the factors ``V`` are never stored.
@@ -535,12 +554,13 @@ class LOZOM(LOZO):
         *,
         rank: int = 2,
         nu: int = 50,
-        beta: float = 0.9,
+        beta: float | None = None,
         **kwargs: Any,
     ) -> None:
-        _check_beta("beta", beta)
         super().__init__(params, lr, eps, weight_decay, rank=rank, nu=nu, **kwargs)
-        _set_group_defaults(self, beta=float(beta))
+        _set_group_hparams(self, beta=(beta, 0.9))
+        for group in self.param_groups:
+            _check_beta("beta", group["beta"])
 
     def _update(self, estimate: Estimate) -> None:
         d = self.lowrank
