@@ -129,6 +129,8 @@ def run(scenario: str) -> dict:
         callbacks.append(ZeroOrder(**ZO_ARGS))
     if scenario == "diverge":
         callbacks.append(_BreakRank1())
+    if scenario == "lozo_per_rank":  # low-rank directions with a lazily shared V, per-rank queries
+        callbacks.append(ZeroOrder(optimizer="lozo", optimizer_kwargs={"rank": 2, "nu": 3}, **ZO_ARGS))
     if scenario == "zofo":  # Bilevel ZOFO: ZO base-model upper level, first-order adapter lower level
         module = AdaptedRegression(init_seed=0 if rank == 0 else 123)
         callbacks.append(
@@ -149,7 +151,7 @@ def run(scenario: str) -> dict:
         strategy = ZOFSDPStrategy(data_parallel_size=2, tensor_parallel_size=1, chunk=CHUNK)
         t = trainer(strategy, 2, callbacks, precision="32-true")  # the module made itself float64
     else:
-        query_seeds = "per_rank" if scenario == "per_rank" else "shared"
+        query_seeds = "per_rank" if scenario.endswith("per_rank") else "shared"
         strategy = ZODDPStrategy(query_seeds=query_seeds, check_every=1 if scenario == "diverge" else 2)
         t = trainer(strategy, 2, callbacks)
     out: dict = {"scenario": scenario}

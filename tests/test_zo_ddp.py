@@ -34,7 +34,7 @@ from lightning_zobi.zo.sharded import (  # noqa: E402
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-SCENARIOS = ("shared", "per_rank", "diverge", "fo", "fsdp", "zofo")
+SCENARIOS = ("shared", "per_rank", "diverge", "fo", "fsdp", "zofo", "lozo_per_rank")
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], **tol:
         torch.testing.assert_close(a[name], b[name], **tol, msg=lambda m, n=name: f"{n}: {m}")
 
 
-@pytest.mark.parametrize("scenario", ["shared", "per_rank", "fo", "fsdp", "zofo"])
+@pytest.mark.parametrize("scenario", ["shared", "per_rank", "fo", "fsdp", "zofo", "lozo_per_rank"])
 def test_ranks_end_bit_identical(ranks, scenario):
     r0, r1 = ranks[scenario, 0], ranks[scenario, 1]
     assert "error" not in r0 and "error" not in r1
@@ -137,7 +137,7 @@ def test_per_rank_seeds_are_an_n_query_estimate(ranks):
     assert any(not torch.allclose(got[n], shared[n]) for n in got)
 
 
-@pytest.mark.parametrize("scenario", ["shared", "per_rank", "fsdp", "zofo"])
+@pytest.mark.parametrize("scenario", ["shared", "per_rank", "fsdp", "zofo", "lozo_per_rank"])
 def test_bytes_per_step_at_most_eight_per_query(ranks, scenario):
     for rank in (0, 1):
         sent = ranks[scenario, rank]["bytes_per_step"]
