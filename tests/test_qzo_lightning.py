@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -186,3 +187,38 @@ def test_diffusers_bitsandbytes_config_path_on_gpu(tmp_path: Path) -> None:
     den = QuantizedDenoiserModule(unet=str(tmp_path / "unet"))
     layers = [m for m in den.unet.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers and all(m.weight.device.type == "cuda" for m in layers)
+
+
+def test_checkpoint_restores_trained_scales_and_resume_continues(tmp_path: Path) -> None:
+    def run(max_steps: int, ckpt_path: str | None = None, root: Path = tmp_path) -> QuantizedCausalLMModule:
+        module = QuantizedCausalLMModule(model=SMALL_LLAMA, double_quant=True)
+        dataset = FactsDataModule(num_people=10, max_length=64).train_dataloader().dataset
+        # a fixed batch order: ZO's loss difference resolves float32 rounding, so even the order of
+        # the summands inside a batch would show in the scales
+        loader = DataLoader(dataset, batch_size=len(dataset), shuffle=False)  # one batch per epoch
+        trainer = quiet_trainer(
+            max_steps=max_steps,
+            callbacks=[QZO(lr=5e-2, eps=1e-3, seed=1)],
+            limit_val_batches=0,
+            enable_checkpointing=True,
+            default_root_dir=root,
+        )
+        trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path)
+        return module
+
+    def scales(module: torch.nn.Module) -> list[torch.Tensor]:
+        return [m.weight.quant_state.absmax for m in module.modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+    first = run(2, root=tmp_path / "a")
+    (ckpt,) = list((tmp_path / "a").rglob("*.ckpt"))
+    fresh = QuantizedCausalLMModule(model=SMALL_LLAMA, double_quant=True)
+    state = torch.load(ckpt, weights_only=True)
+    fresh.on_load_checkpoint(state)
+    fresh.load_state_dict(state["state_dict"])  # strict: every saved key was consumed
+    for a, b in zip(scales(first), scales(fresh), strict=True):
+        assert torch.equal(a, b)
+
+    resumed = run(4, ckpt_path=str(ckpt), root=tmp_path / "b")
+    straight = run(4, root=tmp_path / "c")
+    for a, b in zip(scales(resumed), scales(straight), strict=True):
+        assert torch.equal(a, b)  # seeds + step counter in the checkpoint: the resumed run is the same run

@@ -13,7 +13,7 @@ a bitsandbytes 4-bit one::
 Importing this package registers the rule as ``"qzo"`` in ``lightning_zobi.zo.OPTIMIZERS``.
 """
 
-from lightning_zobi.quant.convert import keep_cpu_layout_, quantize_linear_4bit_
+from lightning_zobi.quant.convert import keep_cpu_layout_, load_4bit_state_, quantize_linear_4bit_
 from lightning_zobi.quant.qzo import DEFAULT_CLIP, QZOOptimizer
 from lightning_zobi.quant.scales import (
     SCALE_ADAPTERS,
@@ -36,5 +36,6 @@ __all__ = [
     "TorchAOAdapter",
     "find_quant_scales",
     "keep_cpu_layout_",
+    "load_4bit_state_",
     "quantize_linear_4bit_",
 ]

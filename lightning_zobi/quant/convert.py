@@ -106,3 +106,34 @@ def keep_cpu_layout_(model: nn.Module) -> int:
             module.support_avx512bf16_for_cpu = False
             count += 1
     return count
+
+
+def load_4bit_state_(model: nn.Module, state_dict: dict, prefix: str = "") -> list[str]:
+    """Install the bitsandbytes 4-bit states saved in ``state_dict`` into ``model``'s ``Linear4bit`` layers.
+
+    ``Linear4bit.state_dict()`` saves each layer's quantization state (``weight.absmax``,
+    ``weight.quant_map``, ``weight.nested_*``, ``weight.quant_state.bitsandbytes__nf4``) next to
+    its codes, but ``Linear4bit`` has no loader for them, so ``load_state_dict`` would report them
+    as unexpected and keep the old scales. This pops those entries from ``state_dict`` (keys under
+    ``prefix``) and rebuilds each layer's state with bitsandbytes' ``QuantState.from_dict`` (the
+    scales QZO trained, nested or not); the codes (``weight``) are then loaded by the ordinary
+    ``load_state_dict``. Returns the names of the layers restored.
+    """
+    import bitsandbytes as bnb
+
+    restored = []
+    for name, module in model.named_modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        head = f"{prefix}{name}.weight." if name else f"{prefix}weight."
+        keys = [k for k in state_dict if k.startswith(head)]
+        if not keys:
+            continue
+        device = module.weight.device
+        state = bnb.functional.QuantState.from_dict(
+            {k[len(head) :]: state_dict.pop(k) for k in keys}, device=device
+        )
+        module.weight.quant_state = state
+        module.quant_state = state
+        restored.append(name)
+    return restored

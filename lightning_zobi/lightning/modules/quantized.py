@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_zobi.lightning.modules.causal_lm import CausalLMModule
-from lightning_zobi.quant.convert import keep_cpu_layout_, quantize_linear_4bit_
+from lightning_zobi.quant.convert import keep_cpu_layout_, load_4bit_state_, quantize_linear_4bit_
 from lightning_zobi.zo.directions import derive_seed
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -103,6 +103,10 @@ class QuantizedCausalLMModule(CausalLMModule):
                 compress_statistics=double_quant,
                 compute_dtype=compute,
             )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the trained 4-bit scales, which ``Linear4bit`` cannot load itself (see ``load_4bit_state_``)."""
+        load_4bit_state_(self, checkpoint["state_dict"])
 
 
 TINY_UNET: dict[str, Any] = dict(
@@ -268,3 +272,7 @@ class QuantizedDenoiserModule(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=self.hparams.lr)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the trained 4-bit scales, which ``Linear4bit`` cannot load itself (see ``load_4bit_state_``)."""
+        load_4bit_state_(self, checkpoint["state_dict"])
