@@ -88,7 +88,9 @@ def loader(batch_size: int) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
 
 
-def trainer(strategy: object, devices: int, callbacks: list, precision: str = "64-true") -> pl.Trainer:
+def trainer(
+    strategy: object, devices: int, callbacks: list, precision: str = "64-true", checkpointing: bool = False
+) -> pl.Trainer:
     return pl.Trainer(
         accelerator="cpu",
         devices=devices,
@@ -99,7 +101,8 @@ def trainer(strategy: object, devices: int, callbacks: list, precision: str = "6
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        enable_checkpointing=False,
+        enable_checkpointing=checkpointing,
+        default_root_dir=os.environ.get("ZO_DDP_TEST_ROOT"),
         num_sanity_val_steps=0,
     )
 
@@ -145,11 +148,14 @@ def run(scenario: str) -> dict:
                 seed=3,
             )
         )
-    if scenario == "fsdp":
+    if scenario.startswith("fsdp"):
         module = ShardedRegression(init_seed=0)
         callbacks.append(ZeroOrder(**ZO_ARGS))
         strategy = ZOFSDPStrategy(data_parallel_size=2, tensor_parallel_size=1, chunk=CHUNK)
-        t = trainer(strategy, 2, callbacks, precision="32-true")  # the module made itself float64
+        # The module made itself float64. A full checkpoint must be refused before the first step.
+        t = trainer(
+            strategy, 2, callbacks, precision="32-true", checkpointing=scenario == "fsdp_full_checkpoint"
+        )
     else:
         query_seeds = "per_rank" if scenario.endswith("per_rank") else "shared"
         strategy = ZODDPStrategy(query_seeds=query_seeds, check_every=1 if scenario == "diverge" else 2)
@@ -157,8 +163,8 @@ def run(scenario: str) -> dict:
     out: dict = {"scenario": scenario}
     try:
         t.fit(module, loader(PER_RANK_BATCH))
-    except ParameterDivergenceError as err:
-        out["error"] = str(err)
+    except (ParameterDivergenceError, ValueError) as err:
+        out["error"] = f"{type(err).__name__}: {err}"
     out["rank"] = rank
     out["params"] = params_of(module)
     out["bytes_per_step"] = strategy.bytes_per_step

@@ -34,7 +34,7 @@ from lightning_zobi.zo.sharded import (  # noqa: E402
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-SCENARIOS = ("shared", "per_rank", "diverge", "fo", "fsdp", "zofo", "lozo_per_rank")
+SCENARIOS = ("shared", "per_rank", "diverge", "fo", "fsdp", "zofo", "lozo_per_rank", "fsdp_full_checkpoint")
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +44,7 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> Path:
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
+        "ZO_DDP_TEST_ROOT": str(out),
         "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
     }
     cmd = [
@@ -152,6 +153,7 @@ def test_bytes_per_step_at_most_eight_per_query(ranks, scenario):
 def test_divergence_is_caught_and_names_the_parameter(ranks):
     for rank in (0, 1):
         err = ranks["diverge", rank]["error"]
+        assert err.startswith("ParameterDivergenceError")
         assert "'net.2.bias'" in err and "after step 3" in err and "1 tensor(s) differ" in err
 
 
@@ -304,3 +306,10 @@ def test_recipe_runs_with_the_subprocess_launcher(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "Starting with 2 processes" in proc.stdout + proc.stderr
     assert list(tmp_path.rglob("*.ckpt"))
+
+
+def test_zo_fsdp_refuses_full_checkpoints_before_training(ranks):
+    for rank in (0, 1):
+        result = ranks["fsdp_full_checkpoint", rank]
+        assert result["error"].startswith("ValueError") and "save_weights_only=True" in result["error"]
+        assert result["steps"] == 0

@@ -248,6 +248,15 @@ class ZODDPStrategy(_ScalarSyncMixin, DDPStrategy):
             )
 
 
+_NO_ZO_OPTIMIZER_CHECKPOINT = (
+    "strategy='zo_fsdp' cannot save the ZO optimizer's state in a checkpoint yet: "
+    "torch.distributed.checkpoint's get_optimizer_state_dict keeps only 'state'/'param_groups' (the ZO run seed and "
+    "step would be lost) and initialises empty states by calling optimizer.step() without a closure. Save "
+    "weights only: Trainer(callbacks=[ModelCheckpoint(save_weights_only=True)]) or enable_checkpointing=False "
+    "(a run resumed from weights restarts the ZO step counter, i.e. draws fresh directions)."
+)
+
+
 class ZOFSDPStrategy(_ScalarSyncMixin, ModelParallelStrategy):
     """Sharded ZO for models larger than one GPU: FSDP2 / tensor-parallel shards, scalar all-reduce.
 
@@ -275,6 +284,10 @@ class ZOFSDPStrategy(_ScalarSyncMixin, ModelParallelStrategy):
         check_every: steps between cross-rank checks of the *unsharded* (replicated) parameters.
         save_distributed_checkpoint, process_group_backend, timeout: as for
             ``ModelParallelStrategy``.
+
+    Checkpoints: weights only (``ModelCheckpoint(save_weights_only=True)``); a full checkpoint is
+    refused at the first step with a clear error (the ZO state does not survive
+    ``torch.distributed.checkpoint``'s optimizer-state helpers).
 
     Memory: the sharded model (1/N of the weights per rank) plus, during each forward, FSDP's
     all-gathered layer; the directions cost one local-shard temporary and at most two chunks.
@@ -313,6 +326,18 @@ class ZOFSDPStrategy(_ScalarSyncMixin, ModelParallelStrategy):
     def _prepare_optimizer(self, optimizer: Optimizer) -> None:
         if isinstance(optimizer, ZOOptimizer) and any(is_sharded(p) for p in optimizer._params()):
             use_sharded_directions(optimizer, self.chunk)
+        if isinstance(optimizer, ZOOptimizer) and self.steps_taken == 0:
+            trainer = self.lightning_module.trainer
+            full = [cb for cb in trainer.checkpoint_callbacks if not getattr(cb, "_save_weights_only", False)]
+            if full:
+                raise ValueError(_NO_ZO_OPTIMIZER_CHECKPOINT)
+
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        """Refuses ZO optimizers (see ``_NO_ZO_OPTIMIZER_CHECKPOINT``); others as ``ModelParallelStrategy``."""
+        inner = optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+        if isinstance(inner, ZOOptimizer):
+            raise RuntimeError(_NO_ZO_OPTIMIZER_CHECKPOINT)
+        return super().optimizer_state(optimizer)
 
     @classmethod
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
