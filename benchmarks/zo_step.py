@@ -7,17 +7,20 @@ synchronised around every step, median reported), with the peak allocated memory
 * ``forward``: one forward with the loss, ``torch.no_grad`` (what a ZO step does twice);
 * ``pass``: one read+write pass over all parameters (``torch._foreach_mul_(params, 1.0)``), the unit
   of the floor ``2·forward + 2·pass``;
-* ``kernel1`` / ``kernel2``: one fused-kernel pass adding one / two Philox directions;
+* ``kernel1`` / ``kernel2``: one fused-kernel pass adding one / two Philox directions (``_r7``:
+  7 Philox rounds; ``_exact``: libdevice's exact log/sqrt/sin/cos instead of the approximations;
+  ``_w4``: 4 warps per program instead of 8);
 * ``zo_torch``: :class:`~lightning_zobi.zo.optim.ZOSGD` on the torch path (3 passes, ``torch.randn``);
 * ``zo_fused3``: :class:`~lightning_zobi.zo.fused.FusedZOSGD`, no look-ahead (3 fused passes);
 * ``zo_fused``: ``FusedZOSGD`` with the model guarded, so the next ``+εz`` is folded (2 passes);
-* ``zo_fused_r7``: the same with 7 Philox rounds instead of 10;
+* ``zo_fused3_r7`` / ``zo_fused_r7``: the same two with 7 Philox rounds instead of 10;
 * ``mezo``: a faithful MeZO-style step written here (Malladi et al., arXiv 2305.17333, as their
   trainer does it): ``torch.manual_seed(s)`` then per parameter
   ``z = torch.normal(0, 1, size, dtype)`` and ``param.data = param.data + scale * z * eps``, for
   +1, -2, +1, then the update regenerates ``z`` again: 4 passes;
 * ``lozo``: the LOZO rule (rank 2) on its torch path, for reference;
-* ``adamw``: first-order training step (forward + backward + fused ``torch.optim.AdamW``).
+* ``adamw``: first-order training step (forward + backward + fused ``torch.optim.AdamW``);
+* ``forward_end``: the forward again, last, to see drift over the run.
 
 Ratios are to ``2 × forward``; memory ratios to the forward's peak (inference).
 
@@ -81,20 +84,24 @@ SHAPES: dict[str, dict[str, Any]] = {
         batch=(2, 16),
     ),
 }
-ALL_VARIANTS = [
-    "forward",
-    "pass",
-    "kernel1",
-    "kernel2",
-    "zo_torch",
-    "zo_fused3",
-    "zo_fused",
-    "zo_fused_r7",
-    "mezo",
-    "lozo",
-    "adamw",
-]
-FUSED_VARIANTS = {"kernel1", "kernel2", "zo_fused3", "zo_fused", "zo_fused_r7"}
+KERNELS = {  # name: (directions per pass, Philox rounds, fast math, warps per program)
+    "kernel1": (1, 10, True, 8),
+    "kernel2": (2, 10, True, 8),
+    "kernel1_r7": (1, 7, True, 8),
+    "kernel2_r7": (2, 7, True, 8),
+    "kernel1_exact": (1, 10, False, 8),
+    "kernel1_w4": (1, 10, True, 4),
+    "kernel2_w4": (2, 10, True, 4),
+}
+FUSED_STEPS = {  # name: (lookahead, Philox rounds)
+    "zo_fused3": (False, 10),
+    "zo_fused": (None, 10),
+    "zo_fused3_r7": (False, 7),
+    "zo_fused_r7": (None, 7),
+}
+ALL_VARIANTS = ["forward", "pass", *KERNELS, "zo_torch", *FUSED_STEPS, "mezo", "lozo", "adamw", "forward_end"]
+"""``forward_end`` repeats the forward last, to show clock drift over the run (ratios use ``forward``)."""
+FUSED_VARIANTS = set(KERNELS) | set(FUSED_STEPS)
 LR, EPS = 1e-7, 1e-3
 
 
@@ -170,7 +177,12 @@ def _time(fn: Callable[[], Any], device: torch.device, warmup: int, steps: int) 
         _sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    return {"ms": statistics.median(times), "ms_all": [round(t, 3) for t in times], "peak_gib": peak}
+    return {
+        "ms": statistics.median(times),
+        "ms_min": min(times),
+        "ms_all": [round(t, 3) for t in times],
+        "peak_gib": peak,
+    }
 
 
 class _Bench:
@@ -203,17 +215,22 @@ class _Bench:
         from lightning_zobi.zo.fused import FusedGaussianDirections, FusedZOSGD
 
         params, dev = self.params(), self.device
-        if name == "forward":
+        if name in ("forward", "forward_end"):
             return _time(lambda: float(self.closure()), dev, warmup, steps)
         if name == "pass":
             with torch.no_grad():
                 return _time(lambda: torch._foreach_mul_(params, 1.0), dev, warmup, steps)
-        if name in ("kernel1", "kernel2"):
-            dirs = FusedGaussianDirections()
-            terms = [(DirectionKey(0, 0, 0), 0.0)] + (
-                [(DirectionKey(0, 1, 0), 0.0)] if name == "kernel2" else []
-            )
-            return _time(lambda: dirs.apply_(params, terms), dev, warmup, steps)
+        if name in KERNELS:
+            from lightning_zobi.zo import fused
+
+            n_dirs, rounds, fast, warps = KERNELS[name]
+            dirs = FusedGaussianDirections(rounds=rounds, fast_math=fast)
+            terms = [(DirectionKey(0, k, 0), 0.0) for k in range(n_dirs)]
+            default_warps, fused.NUM_WARPS = fused.NUM_WARPS, warps
+            try:
+                return _time(lambda: dirs.apply_(params, terms), dev, warmup, steps)
+            finally:
+                fused.NUM_WARPS = default_warps
         if name == "mezo":
             mezo = MeZOStyle(self.model, LR, EPS)
             return _time(lambda: mezo.step(self.closure), dev, warmup, steps)
@@ -235,11 +252,9 @@ class _Bench:
             zo = ZOSGD(params, lr=LR, eps=EPS)
         elif name == "lozo":
             zo = build_optimizer("lozo", params, lr=LR, eps=EPS, rank=2)
-        elif name in ("zo_fused3", "zo_fused", "zo_fused_r7"):
-            lookahead = False if name == "zo_fused3" else None
-            zo = FusedZOSGD(
-                params, lr=LR, eps=EPS, lookahead=lookahead, rounds=7 if name.endswith("r7") else 10
-            )
+        elif name in FUSED_STEPS:
+            lookahead, rounds = FUSED_STEPS[name]
+            zo = FusedZOSGD(params, lr=LR, eps=EPS, lookahead=lookahead, rounds=rounds)
             if lookahead is None:
                 zo.guard(self.model)  # folds the next +εz; outside forwards/state_dict unperturb first
         else:
@@ -325,8 +340,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--variants", default=",".join(ALL_VARIANTS), help=f"comma-separated, from {ALL_VARIANTS}"
     )
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     shapes = ["tiny"] if args.tiny else [s.strip() for s in args.shapes.split(",") if s.strip()]

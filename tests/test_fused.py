@@ -221,9 +221,14 @@ def test_switch_and_errors():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_compiled_kernel_matches_the_interpreter():
-    """The CUDA kernel and Triton's CPU interpreter give the same directions (several tensors, odd sizes)."""
-    dirs = FusedGaussianDirections()
+@pytest.mark.parametrize("fast_math,tol", [(True, 1e-4), (False, 1e-5)])
+def test_compiled_kernel_matches_the_interpreter(fast_math, tol):
+    """The CUDA kernel and Triton's CPU interpreter give the same directions (several tensors, odd sizes).
+
+    The interpreter always uses exact log/sin/cos; with ``fast_math`` the GPU uses the hardware
+    approximations (~1e-6 on z, more only where z itself is ~1e-3).
+    """
+    dirs = FusedGaussianDirections(fast_math=fast_math)
     key = DirectionKey(9, 4, 1)
     shapes = [(4097,), (33, 129), (2, 8, 1024), (1,)]
     cpu = [torch.zeros(s, dtype=torch.float32) for s in shapes]
@@ -231,7 +236,7 @@ def test_compiled_kernel_matches_the_interpreter():
     dirs.apply_(cpu, [(key, 1.0), (DirectionKey(9, 5, 0), -0.5)], beta=0.5)
     dirs.apply_(gpu, [(key, 1.0), (DirectionKey(9, 5, 0), -0.5)], beta=0.5)
     for c, g in zip(cpu, gpu, strict=True):
-        torch.testing.assert_close(g.cpu(), c, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(g.cpu(), c, rtol=tol, atol=tol)
     big = torch.zeros(1 << 22, dtype=torch.bfloat16, device="cuda")
     dirs.perturb_([big], key, 1.0)
     z = big.double()
