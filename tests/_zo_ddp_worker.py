@@ -92,7 +92,7 @@ def trainer(
     strategy: object, devices: int, callbacks: list, precision: str = "64-true", checkpointing: bool = False
 ) -> pl.Trainer:
     return pl.Trainer(
-        accelerator="cpu",
+        accelerator=os.environ.get("ZO_DDP_TEST_ACCELERATOR", "cpu"),
         devices=devices,
         strategy=strategy,
         precision=precision,

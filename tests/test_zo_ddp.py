@@ -313,3 +313,28 @@ def test_zo_fsdp_refuses_full_checkpoints_before_training(ranks):
         result = ranks["fsdp_full_checkpoint", rank]
         assert result["error"].startswith("ValueError") and "save_weights_only=True" in result["error"]
         assert result["steps"] == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (NCCL)")
+def test_two_gpus_over_nccl_stay_identical_and_send_scalars(tmp_path):
+    env = {
+        **os.environ,
+        "ZO_DDP_TEST_ACCELERATOR": "gpu",
+        "ZO_DDP_TEST_ROOT": str(tmp_path),
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
+    scenarios = ["shared", "per_rank", "diverge", "zofo"]
+    worker_path = str(Path(__file__).parent / "_zo_ddp_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker_path]
+    proc = subprocess.run(
+        [*cmd, str(tmp_path), *scenarios], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = {
+        (s, r): json.loads((tmp_path / f"{s}_rank{r}.json").read_text()) for s in scenarios for r in (0, 1)
+    }
+    for s in ("shared", "per_rank", "zofo"):
+        assert got[s, 0]["params"] == got[s, 1]["params"] and got[s, 0]["steps"] == worker.STEPS
+        assert 0 < got[s, 0]["bytes_per_step"] <= 8 * worker.ZO_ARGS["queries"]
+    assert "'net.2.bias'" in got["diverge", 0]["error"]
