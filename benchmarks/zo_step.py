@@ -385,6 +385,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from lightning_zobi.zo import fused
 
         results["meta"]["fused_alignment_hints"] = fused._ALIGNED_OK
+        results["meta"]["fused_fast_math"] = fused._FAST_OK
     out = args.out or Path(__file__).parent / "results" / (
         "zo_step_tiny.json" if args.tiny else "zo_step.json"
     )

@@ -64,6 +64,7 @@ _MASK32 = 0xFFFFFFFF
 _MASK64 = (1 << 64) - 1
 _MASK63 = (1 << 63) - 1
 _ALIGNED_OK = True
+_FAST_OK = True
 
 
 # ---------------------------------------------------------------------------------------- kernel
@@ -344,10 +345,11 @@ def _launch(
         scal_t = host.pin_memory().to(group.device, non_blocking=True)
     else:
         scal_t = host
-    global _ALIGNED_OK
+    global _ALIGNED_OK, _FAST_OK
     kernel = _kernel(group.device)
     aligned = group.aligned and _ALIGNED_OK
-    for attempt in (0, 1):
+    fast = fast and _FAST_OK and group.device.type == "cuda"
+    while True:  # at most three tries: each failure drops one option or re-raises
         try:
             kernel[(group.num_blocks,)](
                 group.x0,
@@ -360,19 +362,21 @@ def _launch(
                 CDT=tl.float64 if group.dtype == torch.float64 else tl.float32,
                 ALIGNED=aligned,
                 RNE_BF16=group.dtype == torch.bfloat16 and group.device.type != "cuda",
-                FAST=fast and group.device.type == "cuda",
+                FAST=fast,
                 ROUNDS=rounds,
                 SUB=SUB,
                 num_warps=NUM_WARPS,
             )
             return
-        except Exception as err:  # an older Triton rejecting the alignment hints: drop them once
-            if not aligned or attempt:
+        except Exception as err:  # a Triton rejecting the hints or the inline PTX: drop them, once each
+            if fast:
+                warnings.warn(f"fused ZO kernel: fast math failed ({err!r}); using exact math.", stacklevel=2)
+                _FAST_OK = fast = False
+            elif aligned:
+                warnings.warn(f"fused ZO kernel: alignment hints rejected ({err!r}); dropped.", stacklevel=2)
+                _ALIGNED_OK = aligned = False
+            else:
                 raise
-            warnings.warn(
-                f"fused ZO kernel: alignment hints rejected ({err!r}); running without them.", stacklevel=2
-            )
-            _ALIGNED_OK = aligned = False
 
 
 Term = tuple[DirectionKey, "float | Sequence[float]"]
