@@ -9,6 +9,7 @@ LM loss on the first half of a batch and g on the second half (``split_batch``-s
 * ``zofo_k{K}``: Bilevel ZOFO, x = base weights by ZO-SGD, y = the adapter by AdamW, K inner steps;
 * ``mezo``: reference, one ZO-SGD step on ``f + g`` over the base weights (no adapter training).
 
+The safeguard ``keep_best_z`` is off so every step takes the full path (it can only save work).
 Reported per row: median wall time per step, forwards per step (counted by a hook), the solver's
 extra state (z and its inner optimizer, ZO state), the optimizer state, and the peak memory of the
 step: ``torch.cuda.max_memory_allocated`` on CUDA, or the process's peak RSS on CPU (each row then
@@ -118,13 +119,26 @@ def run_row(name: str, args: argparse.Namespace) -> dict[str, Any]:
         opt = torch.optim.AdamW(params, lr=1e-3)
         if name.startswith("penalty"):
             solver = ValueFunctionPenalty(
-                problem, opt, gamma=10.0, inner_steps=k, inner_lr=1e-3, inner_optimizer="adam"
+                problem,
+                opt,
+                gamma=10.0,
+                inner_steps=k,
+                inner_lr=1e-3,
+                inner_optimizer="adam",
+                keep_best_z=False,
             )
         elif name == "vf_free":
             solver = ValueFunctionFree(problem, opt, gamma=1.0)
         else:
             solver = BilevelZOFO(
-                problem, opt, gamma=1.0, inner_steps=k, inner_lr=1e-3, inner_optimizer="adam", zo_lr=1e-6
+                problem,
+                opt,
+                gamma=1.0,
+                inner_steps=k,
+                inner_lr=1e-3,
+                inner_optimizer="adam",
+                zo_lr=1e-6,
+                keep_best_z=False,
             )
         solver_state = solver
 
