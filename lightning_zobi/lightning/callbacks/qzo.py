@@ -30,7 +30,7 @@ from lightning_zobi.quant.scales import QuantScales, find_quant_scales
 class QZO(ZeroOrder):
     """Train only the quantization scales of a quantized model with zeroth-order steps (QZO).
 
-    ``Trainer(callbacks=[QZO(lr=1e-4, eps=1e-3, clip=100.0)])`` on a module whose linear layers
+    ``Trainer(callbacks=[QZO(lr=2e-2, eps=1e-3, clip=100.0)])`` on a module whose linear layers
     are bitsandbytes 4-bit (e.g. :class:`~lightning_zobi.lightning.modules.quantized.QuantizedCausalLMModule`,
     or any model loaded with ``BitsAndBytesConfig(load_in_4bit=True)``). The codes stay
     byte-identical; the module's ``configure_optimizers`` only lends its learning rate (and LR
