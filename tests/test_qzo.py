@@ -283,3 +283,22 @@ def test_memory_benchmark_runs_tiny_on_cpu(tmp_path) -> None:
     assert qzo["model_bytes"] < infer["model_bytes"]  # 4-bit linear layers
     assert fo["peak_bytes"] >= 3 * infer["model_bytes"]  # + gradients + two AdamW moments
     assert qzo["quantized_layers"] == 14 and qzo["trainable_scales"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_qzo_on_cuda_bf16_double_quantized() -> None:
+    model = tiny_lm().to("cuda", torch.bfloat16)
+    quantize_linear_4bit_(model, compress_statistics=True, compute_dtype=torch.bfloat16)
+    scales = find_quant_scales(model)
+    assert all(s.is_cuda and s.dtype == torch.float32 for s in scales.tensors)
+    fingerprint = scales.codes_fingerprint()
+    x = batch().cuda()
+    with torch.no_grad():
+        loss0 = lm_loss(model, x).item()
+    opt = QZOOptimizer(scales, lr=5e-2, eps=1e-3, seed=3)
+    for _ in range(15):
+        opt.step(lambda: lm_loss(model, x))
+    with torch.no_grad():
+        assert lm_loss(model, x).item() < loss0 - 0.03
+    assert scales.codes_fingerprint() == fingerprint
