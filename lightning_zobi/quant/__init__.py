@@ -10,7 +10,8 @@ a bitsandbytes 4-bit one::
     opt = QZOOptimizer(scales, lr=1e-5, eps=1e-3, clip=100.0)
     loss = opt.step(lambda: model(**batch).loss)
 
-Importing this package registers the rule as ``"qzo"`` in ``lightning_zobi.zo.OPTIMIZERS``.
+The rule is deliberately not in ``lightning_zobi.zo.OPTIMIZERS``: ``ZeroOrder(optimizer=...)``
+trains module parameters, while QZO must train the scales, which the ``QZO`` callback finds.
 """
 
 from lightning_zobi.quant.convert import keep_cpu_layout_, load_4bit_state_, quantize_linear_4bit_

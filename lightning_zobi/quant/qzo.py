@@ -33,7 +33,7 @@ from torch import Tensor
 from lightning_zobi.quant.scales import QuantScales
 from lightning_zobi.zo.directions import Directions
 from lightning_zobi.zo.estimators import Closure, Estimate
-from lightning_zobi.zo.optim import OPTIMIZERS, ZOSGD
+from lightning_zobi.zo.optim import ZOSGD
 
 DEFAULT_CLIP = 100.0
 """``C``: the middle of the paper's sweep (Fig. 3: 75..125, stable for C ≥ 75)."""
@@ -158,6 +158,3 @@ class QZOOptimizer(ZOSGD):
         if qzo is not None:
             self.clipped_total = int(qzo["clipped_total"])
             self.queries_total = int(qzo["queries_total"])
-
-
-OPTIMIZERS.setdefault("qzo", QZOOptimizer)

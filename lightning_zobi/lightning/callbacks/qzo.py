@@ -66,7 +66,7 @@ class QZO(ZeroOrder):
         max_nonfinite: int = 5,
     ) -> None:
         super().__init__(
-            optimizer="qzo",
+            optimizer="zo_sgd",  # validated name only: build() below makes the QZOOptimizer over the scales
             lr=lr,
             eps=eps,
             queries=queries,
@@ -76,6 +76,7 @@ class QZO(ZeroOrder):
             max_nonfinite=max_nonfinite,
             optimizer_kwargs={"clip": clip, "nonnegative": nonnegative},
         )
+        self.optimizer = "qzo"
         self.layers = layers
         self.backends = backends
         self.unnest = unnest
