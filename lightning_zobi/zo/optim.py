@@ -257,12 +257,20 @@ OPTIMIZERS: dict[str, type[ZOOptimizer]] = {
 """Rule names accepted by ``ZeroOrder(optimizer=...)`` and recipes."""
 
 
-def build_optimizer(name: str, params: Iterable[Any], **kwargs: Any) -> ZOOptimizer:
-    """Instantiate the rule registered as ``name`` with a clear error for unknown names."""
+def build_optimizer(name: str, params: Iterable[Any], *, fused: bool | None = None, **kwargs: Any) -> ZOOptimizer:
+    """Instantiate the rule registered as ``name`` with a clear error for unknown names.
+
+    ``fused``: ``None`` picks the fused Triton path (``zo/fused.py``) for ``zo_sgd`` when every
+    parameter is on CUDA; ``False`` keeps the torch reference path; ``True`` requires the fused one.
+    """
     try:
         cls = OPTIMIZERS[name]
     except KeyError:
         raise ValueError(f"optimizer={name!r} is not a known ZO rule; choose one of {sorted(OPTIMIZERS)}.") from None
+    if fused is not False:
+        from lightning_zobi.zo.fused import select_optimizer  # lazy: Triton is imported only when asked
+
+        cls, params = select_optimizer(cls, params, fused)
     return cls(params, **kwargs)
 
 
