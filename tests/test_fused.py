@@ -51,9 +51,10 @@ def test_tensor_seeds_match_derive_seed():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_moments_and_independence(device):
+@pytest.mark.parametrize("rounds", [10, 7])
+def test_moments_and_independence(device, rounds):
     """mean≈0, var≈1, kurtosis≈3 (5 standard errors), no correlation across words, tensors, keys."""
-    dirs = FusedGaussianDirections()
+    dirs = FusedGaussianDirections(rounds=rounds)
     n = 1 << 17
     key = DirectionKey(3, 7, 0)
     z = dirs.sample(torch.empty(n, device=device), 0, key).double().cpu()
@@ -207,6 +208,10 @@ def test_switch_and_errors():
     assert type(build_optimizer("zo_sgd", model.parameters())) is ZOSGD
     assert type(build_optimizer("zo_sgd", model.parameters(), fused=True)) is FusedZOSGD
     assert type(build_optimizer("zo_sgd", model.parameters(), fused=False)) is ZOSGD
+    # fused-only options are accepted (and ignored) on the torch path, so one recipe fits both
+    assert type(build_optimizer("zo_sgd", model.parameters(), rounds=7, lookahead=True)) is ZOSGD
+    opt = build_optimizer("zo_sgd", model.parameters(), fused=True, rounds=7, lookahead=False)
+    assert opt.fused_directions.rounds == 7 and opt.lookahead is False
     with pytest.raises(ValueError, match="zo_sgd"):
         build_optimizer("zo_adam", model.parameters(), fused=True)
     with pytest.raises(TypeError, match="fused"):

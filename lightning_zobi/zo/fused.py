@@ -717,10 +717,22 @@ def use_fused(fused: bool | None, params: Iterable[Any]) -> bool:
 def select_optimizer(
     cls: type[ZOOptimizer], params: Iterable[Any], fused: bool | None
 ) -> tuple[Callable, list]:
-    """``(constructor, params as a list)``: :class:`FusedZOSGD` for ZO-SGD when :func:`use_fused` says so."""
+    """``(constructor, params as a list)``: :class:`FusedZOSGD` for ZO-SGD when :func:`use_fused` says so.
+
+    On the torch path, ZO-SGD's constructor ignores the fused-only arguments (``lookahead``,
+    ``rounds``, ``fast_math``), so one recipe runs on CPU and GPU alike.
+    """
     params = list(params)
-    if cls is ZOSGD and use_fused(fused, params):
-        return FusedZOSGD, params
+    if cls is ZOSGD:
+        if use_fused(fused, params):
+            return FusedZOSGD, params
+
+        def torch_path(
+            params: Any, *, lookahead: Any = None, rounds: Any = None, fast_math: Any = None, **kwargs: Any
+        ) -> ZOOptimizer:
+            return ZOSGD(params, **kwargs)
+
+        return torch_path, params
     if fused:
         raise ValueError(f"fused=True is implemented for 'zo_sgd' only, not {cls.__name__}; drop fused=True.")
     return cls, params
