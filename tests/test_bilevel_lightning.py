@@ -82,24 +82,56 @@ def test_penalty_fit_reaches_closed_form_and_logs() -> None:
     assert type(trainer.strategy.optimizers[0]) is torch.optim.SGD
 
 
-@pytest.mark.parametrize("inner_optimizer", ["sgd", "adam"])
-def test_penalty_resume_is_exact(tmp_path, inner_optimizer: str) -> None:
-    """100 steps + resume to 200 == 200 straight: z (and its Adam state), γ position and momentum come back."""
+def zofo_callback() -> Bilevel:
+    return Bilevel(
+        solver="zofo",
+        gamma=10.0,
+        inner_steps=2,
+        inner_lr=0.9,
+        zo_lr=0.02,
+        seed=3,
+        upper_params=r"q\.x$",
+        lower_params=r"q\.y$",
+    )
+
+
+RESUMABLE = {
+    "penalty_sgd": lambda: penalty_callback("sgd"),
+    "penalty_adam": lambda: penalty_callback("adam"),
+    "zofo": zofo_callback,
+}
+
+
+@pytest.mark.parametrize("name", sorted(RESUMABLE))
+def test_resume_is_exact(tmp_path, name: str) -> None:
+    """100 steps + resume to 200 == 200 straight: z (and its Adam state), γ position, momentum and the
+    ZO seed/step all come back from the checkpoint."""
+    make = RESUMABLE[name]
     straight = QuadraticModule()
-    quiet_trainer(max_steps=200, callbacks=[penalty_callback(inner_optimizer)]).fit(straight, dummy_loader())
+    quiet_trainer(max_steps=200, callbacks=[make()]).fit(straight, dummy_loader())
 
     first = QuadraticModule()
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=50, save_top_k=-1)
-    trainer = quiet_trainer(
-        max_steps=100, callbacks=[penalty_callback(inner_optimizer), ckpt], enable_checkpointing=True
-    )
+    trainer = quiet_trainer(max_steps=100, callbacks=[make(), ckpt], enable_checkpointing=True)
     trainer.fit(first, dummy_loader())
+    assert not torch.equal(first.q.x, straight.q.x)
     resumed = QuadraticModule()
-    callback = penalty_callback(inner_optimizer)
+    callback = make()
     trainer = quiet_trainer(max_steps=200, callbacks=[callback], enable_checkpointing=False)
     trainer.fit(resumed, dummy_loader(), ckpt_path=str(tmp_path / "last.ckpt"))
     assert callback.solver is not None and callback.solver.step_count == 200
     assert torch.equal(resumed.q.x, straight.q.x) and torch.equal(resumed.q.y, straight.q.y)
+
+
+def test_bf16_mixed_precision_runs() -> None:
+    """Under bf16-mixed the solver step runs inside Lightning's autocast context and still learns."""
+    torch.manual_seed(0)
+    module = PlainRegression(lr=0.05, with_scheduler=False)
+    callback = Bilevel(solver="penalty", gamma=1.0, inner_lr=0.05, split_batch=True)
+    trainer = quiet_trainer(max_steps=15, precision="bf16-mixed", callbacks=[callback])
+    trainer.fit(module, regression_loader(batch_size=32))
+    assert module.losses[-1] < module.losses[0]
+    assert torch.isfinite(torch.tensor(list(callback.last_logs.values()))).all()
 
 
 def test_split_batch_on_an_unchanged_module_keeps_its_scheduler() -> None:
