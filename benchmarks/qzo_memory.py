@@ -6,7 +6,8 @@ Llama-2-7B-shaped model with random weights (``LlamaConfig``, no hub), each mode
 process (so one mode's allocations cannot inflate another's peak) on one device:
 
 * ``bf16_inference``: forward with the loss under ``torch.no_grad`` (the reference for ratios);
-* ``bf16_zo``: :class:`lightning_zobi.zo.ZOSGD` (MeZO) over every bf16 weight, 2 forwards a step;
+* ``bf16_zo``: ZO-SGD (MeZO) over every bf16 weight, 2 forwards a step, built by
+  ``build_optimizer("zo_sgd")`` (the fused Triton path on CUDA, the torch path on CPU);
 * ``bf16_fo_adamw``: forward + backward + fused ``torch.optim.AdamW`` over every bf16 weight;
 * ``qzo``: the linear layers quantized to bitsandbytes nf4 (``quantize_linear_4bit_``, double
   quantization on, as QLoRA), scales un-nested by ``find_quant_scales`` and trained by
@@ -141,11 +142,13 @@ def run_mode(
             with torch.no_grad():
                 return float(loss_fn())
     elif mode == "bf16_zo":
-        from lightning_zobi.zo import ZOSGD
+        from lightning_zobi.zo import build_optimizer
 
         for p in model.parameters():
             p.requires_grad_(False)
-        opt = ZOSGD(list(model.parameters()), lr=1e-7, eps=1e-3)
+        # the project's default ZO-SGD: the fused Triton path on CUDA, the torch path on CPU
+        opt = build_optimizer("zo_sgd", list(model.parameters()), lr=1e-7, eps=1e-3)
+        scales_info = dict(optimizer=type(opt).__name__)
 
         def step() -> float:
             return opt.step(loss_fn)
@@ -164,6 +167,7 @@ def run_mode(
             return float(loss.detach())
     elif mode == "qzo":
         qzo = QZOOptimizer(scales, lr=1e-5, eps=1e-3)
+        scales_info["optimizer"] = type(qzo).__name__
 
         def step() -> float:
             return qzo.step(loss_fn)
