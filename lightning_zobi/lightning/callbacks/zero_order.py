@@ -206,6 +206,11 @@ class ZeroOrder(Callback):
                 scheduler.base_lrs = [self.lr for _ in scheduler.base_lrs]
         strategy.optimizers = new
         self.zo_optimizers = new
+        for zo in new:
+            # the fused CUDA path may leave the next step's +εz folded into the weights; its guard
+            # removes it before any forward outside a ZO step (validation) and any state_dict
+            if hasattr(zo, "guard"):
+                zo.guard(pl_module)
         if pl_module.automatic_optimization:
             trainer.fit_loop._skip_backward = True
 
@@ -223,3 +228,6 @@ class ZeroOrder(Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         trainer.fit_loop._skip_backward = False
+        for zo in self.zo_optimizers:
+            if hasattr(zo, "unguard"):
+                zo.unguard()
