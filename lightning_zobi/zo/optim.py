@@ -103,12 +103,13 @@ class ZOOptimizer(Optimizer):
             raise ValueError(f"difference={difference!r} is invalid: choose one of {sorted(ESTIMATORS)}.")
         if max_nonfinite < 1:
             raise ValueError(f"max_nonfinite={max_nonfinite!r} is invalid: use an integer >= 1.")
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
-        if not any(p.numel() for p in self._params()):
+        params = list(params)
+        if not params or all(isinstance(g, dict) and not list(g.get("params", [])) for g in params):
             raise ValueError(
                 "The ZO optimizer got no trainable parameters (the parameter list is empty). Pass the "
                 "parameters to tune, or unfreeze some (requires_grad=True) / add a LoRA adapter."
             )
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
         self.eps = float(eps)
         self.queries = queries
         self.difference = difference
