@@ -31,6 +31,15 @@ from lightning_zobi.unlearn.llm import (
 from lightning_zobi.zo import ZOSGD
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (two threads on busy shared cores are ~10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class ToyLM(nn.Module):
     """A causal-LM-shaped toy: embedding, residual tanh layers in ``layers``, linear head; ``.logits`` out."""
 

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_zobi.lightning.datamodules.facts import load_tokenizer
-from lightning_zobi.lightning.modules.causal_lm import CausalLMModule, build_causal_lm
+from lightning_zobi.lightning.modules.causal_lm import CausalLMModule, add_lora, build_causal_lm
 from lightning_zobi.unlearn.llm import METHODS, UnlearningObjective, answer_logprobs, load_weights
 from lightning_zobi.unlearn.metrics import UnlearningEvaluator, score_batch
 
@@ -113,7 +113,7 @@ class UnlearningModule(CausalLMModule):
             lr=lr,
             weight_decay=weight_decay,
             warmup_steps=warmup_steps,
-            lora_r=lora_r,
+            lora_r=0,  # the adapter goes on after init_from is loaded into the plain model
             lora_alpha=lora_alpha,
             lora_dropout=lora_dropout,
             lora_target_modules=lora_target_modules,
@@ -134,6 +134,8 @@ class UnlearningModule(CausalLMModule):
         )
         if init_from is not None:
             load_weights(self.model, init_from)
+        if lora_r > 0:
+            self.model = add_lora(self.model, lora_r, lora_alpha, lora_dropout, lora_target_modules)
         if trainable is not None:
             freeze_except(self.model, trainable)
         reference: nn.Module | None = None
