@@ -5,11 +5,16 @@ from __future__ import annotations
 import os
 import warnings
 
-import lightning.pytorch as pl
-import pytest
-import torch
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+# Tiny models run fastest on one intra-op thread (and the suite's subprocesses inherit this)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import lightning.pytorch as pl  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+torch.set_num_threads(1)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", ".*does not have many workers.*")

@@ -22,46 +22,16 @@ closure through); ``16-mixed`` is refused because its ``GradScaler`` steps witho
 from __future__ import annotations
 
 import functools
-import re
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_zobi.zo.optim import OPTIMIZERS, ZOOptimizer, build_optimizer
-
-
-def select_parameters(module: nn.Module, params: str) -> list[tuple[str, Tensor]]:
-    """Named parameters chosen by ``params``: "trainable", "all", "lora", or a regex over names."""
-    named = list(module.named_parameters())
-    if params == "trainable":
-        chosen = [(n, p) for n, p in named if p.requires_grad]
-    elif params == "all":
-        chosen = named
-    elif params == "lora":
-        chosen = [(n, p) for n, p in named if "lora_" in n]
-    else:
-        try:
-            pattern = re.compile(params)
-        except re.error as err:
-            raise ValueError(
-                f"params={params!r} is neither 'trainable', 'all', 'lora' nor a valid regex ({err})."
-            ) from None
-        chosen = [(n, p) for n, p in named if pattern.search(n)]
-    if not chosen:
-        hint = (
-            "no parameter requires grad: unfreeze some or add a LoRA adapter"
-            if params == "trainable"
-            else "no parameter name matched"
-        )
-        raise ValueError(
-            f"params={params!r} selected no parameters of {type(module).__name__} ({hint}). "
-            f"Some names: {[n for n, _ in named[:5]]}."
-        )
-    return chosen
+from lightning_zobi.zo.optim import OPTIMIZERS, ZOFOHybrid, ZOOptimizer, build_optimizer
+from lightning_zobi.zo.params import select_parameters
 
 
 def _track_step_calls(optimizer: Optimizer) -> None:
@@ -133,6 +103,7 @@ class ZeroOrder(Callback):
         self.max_nonfinite = max_nonfinite
         self.optimizer_kwargs = dict(optimizer_kwargs or {})
         self.zo_optimizers: list[ZOOptimizer] = []
+        self._unwrap: Callable[[], None] | None = None
 
     @property
     def state_key(self) -> str:
@@ -157,12 +128,13 @@ class ZeroOrder(Callback):
 
     def build(self, pl_module: nn.Module, optimizer: Optimizer) -> ZOOptimizer:
         """A ZO rule over ``optimizer``'s parameter groups restricted to the selected parameters."""
-        selected = {id(p) for _, p in select_parameters(pl_module, self.params)}
+        selected = {id(p): n for n, p in select_parameters(pl_module, self.params)}
         groups = []
         for group in optimizer.param_groups:
             params = [p for p in group["params"] if id(p) in selected]
             if params:
-                groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": params})
+                rest = {k: v for k, v in group.items() if k not in ("params", "param_names")}
+                groups.append({**rest, "params": params, "param_names": [selected[id(p)] for p in params]})
         if not groups:
             raise ValueError(
                 f"ZeroOrder(params={self.params!r}) selected parameters that the module's optimizer does not "
@@ -207,12 +179,33 @@ class ZeroOrder(Callback):
         strategy.optimizers = new
         self.zo_optimizers = new
         for zo in new:
+            if isinstance(zo, ZOFOHybrid):
+                zo.graph_loss_source = self._capture_training_loss(pl_module)
             # the fused CUDA path may leave the next step's +εz folded into the weights; its guard
             # removes it before any forward outside a ZO step (validation) and any state_dict
             if hasattr(zo, "guard"):
                 zo.guard(pl_module)
         if pl_module.automatic_optimization:
             trainer.fit_loop._skip_backward = True
+
+    def _capture_training_loss(self, pl_module: pl.LightningModule) -> Callable[[], Tensor | None]:
+        """Keep the graph-carrying loss of the latest ``training_step`` for the ZO/FO hybrid.
+
+        Lightning's closure hands the optimizer a detached loss when backward is skipped; the
+        hybrid's first-order subset needs the loss with its graph, so ``training_step`` is wrapped
+        (and unwrapped on fit end) to remember it.
+        """
+        original = pl_module.training_step
+        latest: dict[str, Tensor | None] = {"loss": None}
+
+        def training_step(*args: Any, **kwargs: Any) -> Any:
+            out = original(*args, **kwargs)
+            latest["loss"] = out.get("loss") if isinstance(out, Mapping) else out
+            return out
+
+        pl_module.training_step = training_step  # type: ignore[method-assign]
+        self._unwrap = lambda: setattr(pl_module, "training_step", original)
+        return lambda: latest["loss"]
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -231,3 +224,6 @@ class ZeroOrder(Callback):
         for zo in self.zo_optimizers:
             if hasattr(zo, "unguard"):
                 zo.unguard()
+        if self._unwrap is not None:
+            self._unwrap()
+            self._unwrap = None
