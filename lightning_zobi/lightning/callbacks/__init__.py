@@ -1,5 +1,7 @@
 """Callbacks that change how a LightningModule is optimized (one file per callback family)."""
 
+from lightning_zobi.lightning.callbacks.bilevel import Bilevel
+from lightning_zobi.lightning.callbacks.qzo import QZO
 from lightning_zobi.lightning.callbacks.zero_order import ZeroOrder
 
-__all__ = ["ZeroOrder"]
+__all__ = ["QZO", "Bilevel", "ZeroOrder"]
