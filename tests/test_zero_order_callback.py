@@ -72,7 +72,7 @@ def test_checkpoint_resume_continues_exactly(tmp_path):
     trainer = quiet_trainer(max_steps=16, callbacks=[ZeroOrder(lr=0.02, seed=3)])
     trainer.fit(resumed, regression_loader(), regression_loader(n=64), ckpt_path=tmp_path / "last.ckpt")
     assert trainer.optimizers[0].zo_step == 16
-    for p, q in zip(full.parameters(), resumed.parameters()):
+    for p, q in zip(full.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(p, q)
 
 

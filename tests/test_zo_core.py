@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 from lightning_zobi.zo import (
+    ZOSGD,
     DirectionKey,
     GaussianDirections,
     NonFiniteLossError,
     ZOOptimizer,
-    ZOSGD,
     build_optimizer,
     central_difference,
     derive_seed,
@@ -65,7 +65,7 @@ def test_lr_zero_step_restores_parameters_within_rounding(dtype, difference):
     opt.step(_closure(model))
     u = {torch.float32: 2.0**-24, torch.float64: 2.0**-53, torch.bfloat16: 2.0**-8}[dtype]
     key = opt.keys_for_step(0)[0]
-    for index, (p, p0) in enumerate(zip(model.parameters(), before)):
+    for index, (p, p0) in enumerate(zip(model.parameters(), before, strict=True)):
         z = opt.directions.sample(p, index, key).double()
         bound = 3 * u * (p0.double().abs() + eps * z.abs()) * (1 + 1e-6)
         err = (p.double() - p0.double()).abs()
@@ -122,7 +122,7 @@ def test_fused_sgd_update_equals_the_generic_rule():
     for _ in range(5):
         fused.step(_closure(a))
         generic.step(_closure(b))
-    for p, q in zip(a.parameters(), b.parameters()):
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
 
 
@@ -135,8 +135,8 @@ def test_same_seed_bit_identical_and_other_seed_differs():
         return [p.detach().clone() for p in model.parameters()]
 
     first, again, other = run(1), run(1), run(2)
-    assert all(torch.equal(p, q) for p, q in zip(first, again))
-    assert not all(torch.equal(p, q) for p, q in zip(first, other))
+    assert all(torch.equal(p, q) for p, q in zip(first, again, strict=True))
+    assert not all(torch.equal(p, q) for p, q in zip(first, other, strict=True))
 
 
 def test_state_dict_round_trip_resumes_exactly():
@@ -153,14 +153,14 @@ def test_state_dict_round_trip_resumes_exactly():
 
     clone = _mlp()
     with torch.no_grad():
-        for p, s in zip(clone.parameters(), snapshot):
+        for p, s in zip(clone.parameters(), snapshot, strict=True):
             p.copy_(s)
     resumed = ZOSGD(clone.parameters(), lr=0.5, eps=1e-3, seed=0)
     resumed.load_state_dict(state)
     assert resumed.seed == 9 and resumed.zo_step == 3 and resumed.param_groups[0]["lr"] == 0.01
     for _ in range(3):
         resumed.step(_closure(clone))
-    assert all(torch.equal(p, q) for p, q in zip(clone.parameters(), continued))
+    assert all(torch.equal(p, q) for p, q in zip(clone.parameters(), continued, strict=True))
 
 
 def test_no_graph_even_if_the_closure_enables_grad():
@@ -210,7 +210,7 @@ def test_non_finite_losses_are_skipped_counted_then_stop():
     for _ in range(2):
         opt.step(lambda: torch.tensor(float("nan")))
     assert opt.nonfinite_total == 2 and opt.zo_step == 2
-    for p, p0 in zip(model.parameters(), before):  # skipped steps only restore
+    for p, p0 in zip(model.parameters(), before, strict=True):  # skipped steps only restore
         torch.testing.assert_close(p, p0, rtol=0, atol=1e-6)
     with pytest.raises(NonFiniteLossError, match=r"3 ZO steps in a row.*step 2.*seed 4.*smaller learning rate"):
         opt.step(lambda: torch.tensor(float("inf")))

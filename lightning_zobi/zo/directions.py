@@ -99,7 +99,7 @@ class Directions(ABC):
         """Extra state a stateful family needs on resume (none for seed-only families)."""
         return {}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict) -> None:  # noqa: B027 - an optional hook: seed-only families keep nothing
         """Restore what :meth:`state_dict` returned."""
 
     def perturb_(self, params: Iterable[Tensor], key: DirectionKey, scale: float) -> None:

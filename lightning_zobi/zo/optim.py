@@ -190,7 +190,7 @@ class ZOOptimizer(Optimizer):
             if z_pending is not None:
                 p.add_(z_pending, alpha=pending_scale)
             grad = torch.zeros_like(p)
-            for key, g in zip(estimate.keys, estimate.projected_grads):
+            for key, g in zip(estimate.keys, estimate.projected_grads, strict=True):
                 z = z_pending if key == pending_key else self.directions.sample(p, index, key)
                 grad.add_(z, alpha=g / q)
             if group["weight_decay"]:
