@@ -220,3 +220,20 @@ def test_stable_diffusion_path_with_block_removal_trains_and_samples():
     assert all(torch.isfinite(torch.tensor(v)) for v in callback.last_logs.values())
     images = module.generate(torch.tensor([3, 5]), steps=2)
     assert images.shape == (2, 3, 32, 32) and images.min() >= -1 and images.max() <= 1
+
+
+def test_checkpoint_of_a_pruned_student_reloads(tmp_path):
+    """The student is rebuilt from the hyperparameters (same teacher, same magnitude pruning), then loaded."""
+    pl.seed_everything(0)
+    module = _module(objective="distill")
+    data = DigitsDataModule(batch_size=16)
+    trainer = _trainer(
+        max_steps=1, limit_val_batches=0, enable_checkpointing=True, default_root_dir=str(tmp_path)
+    )
+    trainer.fit(module, data)
+    trainer.save_checkpoint(tmp_path / "student.ckpt")
+    again = DiffusionModule.load_from_checkpoint(tmp_path / "student.ckpt", weights_only=True)
+    for (name, a), b in zip(
+        module.student.state_dict().items(), again.student.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
