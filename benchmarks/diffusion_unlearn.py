@@ -116,6 +116,7 @@ def main() -> None:
     p.add_argument("--prune-ratio", type=float, default=0.5)
     p.add_argument("--solver", default="penalty", choices=["penalty", "vf_free"])
     p.add_argument("--gamma", type=float, default=1.0)
+    p.add_argument("--orientation", default="suppress_upper", choices=["suppress_upper", "suppress_lower"])
     p.add_argument("--negative-guidance", type=float, default=2.0)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--samples-per-class", type=int, default=32)
@@ -223,7 +224,7 @@ def main() -> None:
 
 def _one_phase(args, student_module, data, judge, splits, eval_kw, work, results, Bilevel, DigitsDataModule):
     start = time.perf_counter()
-    one = student_module("bilevel", export_dir=str(work / "student_one_phase"))
+    one = student_module("bilevel", orientation=args.orientation, export_dir=str(work / "student_one_phase"))
     cb = Bilevel(solver=args.solver, gamma=args.gamma, inner_steps=1, inner_lr=1e-3, inner_optimizer="adam")
     _trainer(max_steps=args.student_steps, callbacks=[cb]).fit(one, DigitsDataModule(**data))
     one_s = time.perf_counter() - start
@@ -234,6 +235,7 @@ def _one_phase(args, student_module, data, judge, splits, eval_kw, work, results
         "train_seconds": one_s,
         "steps": args.student_steps,
         "solver": args.solver,
+        "orientation": args.orientation,
     }
     print(f"one phase: {scores} ({one_s:.0f} s)", flush=True)
 

@@ -237,3 +237,13 @@ def test_checkpoint_of_a_pruned_student_reloads(tmp_path):
         module.student.state_dict().items(), again.student.state_dict().values(), strict=True
     ):
         assert torch.equal(a, b), name
+
+
+def test_module_and_datamodule_hparams_merge_under_a_logger(tmp_path):
+    """Lightning refuses same-named hparams with different values; the teacher recipe has exactly that pairing."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    module = DiffusionModule(unet=TINY, objective="denoise", samples_per_class=0)
+    trainer = _trainer(max_steps=1, limit_val_batches=0, logger=CSVLogger(str(tmp_path)))
+    trainer.fit(module, DigitsDataModule(batch_size=16))
+    assert trainer.global_step == 1

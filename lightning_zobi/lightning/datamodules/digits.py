@@ -59,7 +59,10 @@ class DigitsDataModule(pl.LightningDataModule):
             raise ValueError(f"batch_size={batch_size!r} is invalid: use a positive int.")
         if forget_class is not None and (not isinstance(forget_class, int) or not 0 <= forget_class <= 9):
             raise ValueError(f"forget_class={forget_class!r} is invalid: use a digit 0..9 or None.")
-        self.save_hyperparameters()
+        # forget_class is kept out of hparams: DiffusionModule has its own (the concept it erases and
+        # scores), and Lightning refuses to log two hparams of one name with different values.
+        self.save_hyperparameters(ignore=["forget_class"])
+        self.forget_class = forget_class
         self.splits = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -84,12 +87,12 @@ class DigitsDataModule(pl.LightningDataModule):
         self.setup()
         hp = self.hparams
         train = self.splits.train
-        if hp.forget_class is None:
+        if self.forget_class is None:
             return CombinedLoader({"retain": self._loader(train, hp.batch_size, True)}, mode="max_size_cycle")
         loaders = {
-            "retain": self._loader(train.exclude([hp.forget_class]), hp.batch_size, True),
+            "retain": self._loader(train.exclude([self.forget_class]), hp.batch_size, True),
             "forget": self._loader(
-                train.select([hp.forget_class]), hp.forget_batch_size or hp.batch_size, True
+                train.select([self.forget_class]), hp.forget_batch_size or hp.batch_size, True
             ),
         }
         return CombinedLoader(loaders, mode="max_size_cycle")
