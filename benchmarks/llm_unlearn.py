@@ -61,6 +61,8 @@ def run_stage(
         raise ValueError(f"recipe {recipe} must have exactly one ModelCheckpoint callback.")
     checkpoints[0]["init_args"]["dirpath"] = str(out)
     args = config["model"]["init_args"]
+    if args.get("decay_steps"):
+        args["decay_steps"] = trainer["max_steps"]
     if init_from is not None:
         args["init_from"] = str(init_from)
     if "retain_model_from" in args:

@@ -92,6 +92,7 @@ class CausalLMModule(pl.LightningModule):
         model: a tiny preset ("tiny-llama", "tiny-opt"), a config dict, or a local checkpoint path.
         lr, weight_decay: AdamW hyperparameters (ZeroOrder carries them over unless it sets lr).
         warmup_steps: linear warm-up steps of the LR schedule (0: constant rate).
+        decay_steps: if > 0, the rate then decays linearly to 0 at this step (a full-training schedule).
         lora_r: LoRA rank (0 = no adapter, full-parameter training).
         lora_alpha, lora_dropout, lora_target_modules: peft LoRA settings.
         dtype: weights dtype ("bfloat16", "float32"); None keeps the default.
@@ -104,6 +105,7 @@ class CausalLMModule(pl.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
+        decay_steps: int = 0,
         lora_r: int = 0,
         lora_alpha: int = 16,
         lora_dropout: float = 0.0,
@@ -133,8 +135,13 @@ class CausalLMModule(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        if not self.hparams.warmup_steps:
+        warmup, decay = self.hparams.warmup_steps, self.hparams.get("decay_steps", 0)
+        if not warmup and not decay:
             return optimizer
-        warmup = self.hparams.warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+
+        def factor(step: int) -> float:
+            rate = min(1.0, (step + 1) / warmup) if warmup else 1.0
+            return rate * max(0.0, 1.0 - step / decay) if decay else rate
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
