@@ -18,6 +18,11 @@ with a frozen CLIP text encoder and VAE; concepts are prompts):
   :meth:`upper_loss` / :meth:`lower_loss` / :meth:`bilevel_parameters`. ``orientation="suppress_upper"``
   (the paper's): upper = suppression, lower = recovery; ``"suppress_lower"`` swaps them.
 
+With ``upper_scope="all"`` both levels share the student's weights (a *simple* bilevel problem): the
+penalty solver's update is then ``∇f + γ ∇g`` (the ``g(x, z)`` term has no gradient), so the orientation
+only decides which loss ``γ`` scales — at ``γ = 1`` both orientations give the same run. A narrower
+``upper_scope`` (``esd_x``/``esd_u``) makes the levels act on different weights.
+
 Every loss call in one optimizer step draws the same noise and timesteps (a generator seeded by
 ``(seed, global step, level)``), so the repeated evaluations a bilevel solver makes (``g(x, y)`` and
 ``g(x, z)``) compare like with like.
