@@ -23,7 +23,6 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from scipy import linalg
 from torch import Tensor
 from torchmetrics import Metric
 
@@ -128,6 +127,8 @@ class JudgeFrechetDistance(Metric):
 
     def compute(self) -> Tensor:
         """The Fréchet distance (a float64 scalar tensor)."""
+        from scipy import linalg
+
         mu_r, cov_r = self._moments("real")
         mu_g, cov_g = self._moments("fake")
         covmean = linalg.sqrtm(cov_r @ cov_g)
