@@ -247,3 +247,17 @@ def test_module_and_datamodule_hparams_merge_under_a_logger(tmp_path):
     trainer = _trainer(max_steps=1, limit_val_batches=0, logger=CSVLogger(str(tmp_path)))
     trainer.fit(module, DigitsDataModule(batch_size=16))
     assert trainer.global_step == 1
+
+
+def test_taylor_pruned_student_and_channel_pruned_sd_unet_in_its_pipeline():
+    taylor = _module(objective="distill", prune_importance="taylor")
+    assert sum(p.numel() for p in taylor.student.parameters()) < 0.5 * sum(
+        p.numel() for p in taylor.teacher.parameters()
+    )
+    assert torch.isfinite(taylor.recovery_loss(_batch()))
+    sd = DiffusionModule(stable_diffusion="tiny", prune_ratio=0.5, objective="distill", samples_per_class=0)
+    assert sum(p.numel() for p in sd.student.parameters()) < 0.5 * sum(
+        p.numel() for p in sd.teacher.parameters()
+    )
+    images = sd.generate(torch.tensor([1]), steps=2)  # StableDiffusionPipeline around the pruned UNet
+    assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
