@@ -15,15 +15,6 @@ from lightning_zobi.lightning.callbacks.bilevel import Bilevel
 GAMMA = 50.0
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run faster on one intra-op thread, and far faster on a shared, loaded CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class QuadraticModule(pl.LightningModule):
     """A LightningModule that opts in with upper_loss/lower_loss (the batch is ignored)."""
 

@@ -14,15 +14,6 @@ from lightning_zobi.bilevel import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run faster on one intra-op thread, and far faster on a shared, loaded CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class CoupledQuadratic(nn.Module):
     """f = ½‖x − c‖² + ½‖y − d‖²,  g = ½‖y − A x − b‖² + ½ xᵀ B x.
 

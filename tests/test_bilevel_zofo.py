@@ -11,15 +11,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from lightning_zobi.bilevel import BilevelProblem, BilevelZOFO, select_parameters
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run faster on one intra-op thread, and far faster on a shared, loaded CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_zofo_reaches_penalized_optimum_on_quadratic() -> None:
     """x by ZO (central differences are exact on quadratics), y by SGD: the fixed point is the stationary
     point of f + γ(g − v), O(1/γ) from the bilevel x*, and far from the value-function-free point."""

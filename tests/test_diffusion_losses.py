@@ -26,16 +26,6 @@ from lightning_zobi.unlearn.diffusion import (  # noqa: E402
 )
 from lightning_zobi.unlearn.metrics_diffusion import JudgeFrechetDistance, PromptedClassAccuracy  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convolutions run fastest single-threaded (and the 2 shared cores stay free); restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 TINY = dict(
     sample_size=8,
     in_channels=1,

@@ -17,16 +17,6 @@ from lightning_zobi.lightning.callbacks.samples import SampleGrid  # noqa: E402
 from lightning_zobi.lightning.datamodules.digits import DigitsDataModule  # noqa: E402
 from lightning_zobi.lightning.modules.diffusion import DiffusionModule, JudgeModule  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convolutions run fastest single-threaded (and the 2 shared cores stay free); restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 TINY = dict(
     sample_size=8,
     in_channels=1,

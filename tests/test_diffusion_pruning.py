@@ -17,16 +17,6 @@ from lightning_zobi.diffusion.pruning import (  # noqa: E402
     unet_example_inputs,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convolutions run fastest single-threaded (and the 2 shared cores stay free); restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 TINY = dict(
     sample_size=8,
     in_channels=1,
