@@ -86,3 +86,26 @@ def quiet_trainer(**kwargs) -> pl.Trainer:
 def plain_module() -> PlainRegression:
     torch.manual_seed(0)
     return PlainRegression()
+
+
+TINY_UNET: dict = dict(
+    sample_size=8,
+    in_channels=1,
+    out_channels=1,
+    block_out_channels=[16, 32],
+    layers_per_block=1,
+    down_block_types=["DownBlock2D", "AttnDownBlock2D"],
+    up_block_types=["AttnUpBlock2D", "UpBlock2D"],
+    norm_num_groups=4,
+    attention_head_dim=8,
+    num_class_embeds=11,
+)
+"""A tiny class-conditional 8x8 UNet2DModel config (10 digit classes + the null class 10)."""
+
+
+def tiny_unet2d() -> nn.Module:
+    """`TINY_UNET` built with seed 0 (imports diffusers lazily: the suite also runs without it)."""
+    import diffusers
+
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(**TINY_UNET)

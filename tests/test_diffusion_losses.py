@@ -8,6 +8,7 @@ import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers")
+from conftest import tiny_unet2d  # noqa: E402
 
 from lightning_zobi.diffusion.distill import (  # noqa: E402
     FeatureDistiller,
@@ -26,27 +27,9 @@ from lightning_zobi.unlearn.diffusion import (  # noqa: E402
 )
 from lightning_zobi.unlearn.metrics_diffusion import JudgeFrechetDistance, PromptedClassAccuracy  # noqa: E402
 
-TINY = dict(
-    sample_size=8,
-    in_channels=1,
-    out_channels=1,
-    block_out_channels=(16, 32),
-    layers_per_block=1,
-    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-    norm_num_groups=4,
-    attention_head_dim=8,
-    num_class_embeds=11,
-)
-
-
-def _unet():
-    torch.manual_seed(0)
-    return diffusers.UNet2DModel(**TINY)
-
 
 def test_output_distillation_is_zero_for_a_copy_and_detaches_the_teacher():
-    teacher = _unet()
+    teacher = tiny_unet2d()
     student = copy.deepcopy(teacher)
     inputs = unet_example_inputs(teacher, 4)
     s, t = student(**inputs).sample, teacher(**inputs).sample
@@ -60,7 +43,7 @@ def test_output_distillation_is_zero_for_a_copy_and_detaches_the_teacher():
 
 
 def test_feature_distiller_adapts_pruned_widths_and_trains():
-    teacher = _unet().eval().requires_grad_(False)
+    teacher = tiny_unet2d().eval().requires_grad_(False)
     student = copy.deepcopy(teacher).requires_grad_(True)
     prune_unet_channels(student, 0.5)
     inputs = unet_example_inputs(teacher, 8)
@@ -82,7 +65,7 @@ def test_feature_distiller_adapts_pruned_widths_and_trains():
 
 
 def test_feature_distiller_without_adapters_is_zero_on_identical_models():
-    teacher = _unet().eval()
+    teacher = tiny_unet2d().eval()
     distiller = FeatureDistiller(teacher, copy.deepcopy(teacher), unet_example_inputs(teacher, 2))
     assert len(distiller.adapters) == 0
     inputs = unet_example_inputs(teacher, 2)
@@ -104,7 +87,7 @@ def test_esd_target_is_negative_guidance():
 
 
 def test_esd_parameter_scopes():
-    unet = _unet()
+    unet = tiny_unet2d()
     x = esd_parameter_names(unet, "esd_x")
     u = esd_parameter_names(unet, "esd_u")
     assert "class_embedding.weight" in x and not any("conv1" in n for n in x)
@@ -129,7 +112,7 @@ def test_esd_parameter_scopes():
 
 
 def test_saliency_masks_keep_the_requested_fraction_and_block_other_gradients():
-    unet = _unet()
+    unet = tiny_unet2d()
     inputs = unet_example_inputs(unet, 4)
     named = list(unet.named_parameters())
     masks = saliency_masks(named, lambda: unet(**inputs).sample.pow(2).mean(), keep_fraction=0.2)

@@ -10,6 +10,7 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("sklearn")
 import lightning.pytorch as pl  # noqa: E402
+from conftest import TINY_UNET, quiet_trainer  # noqa: E402
 
 from lightning_zobi.diffusion.judge import DigitsCNN, load_judge, save_judge  # noqa: E402
 from lightning_zobi.diffusion.pruning import load_pruned_unet  # noqa: E402
@@ -17,32 +18,10 @@ from lightning_zobi.lightning.callbacks.samples import SampleGrid  # noqa: E402
 from lightning_zobi.lightning.datamodules.digits import DigitsDataModule  # noqa: E402
 from lightning_zobi.lightning.modules.diffusion import DiffusionModule, JudgeModule  # noqa: E402
 
-TINY = dict(
-    sample_size=8,
-    in_channels=1,
-    out_channels=1,
-    block_out_channels=[16, 32],
-    layers_per_block=1,
-    down_block_types=["DownBlock2D", "AttnDownBlock2D"],
-    up_block_types=["AttnUpBlock2D", "UpBlock2D"],
-    norm_num_groups=4,
-    attention_head_dim=8,
-    num_class_embeds=11,
-)
-
 
 def _trainer(**kw):
     warnings.filterwarnings("ignore")
-    base = dict(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-    base.update(kw)
-    return pl.Trainer(**base)
+    return quiet_trainer(**kw)
 
 
 def _batch(n: int = 8) -> dict:
@@ -53,7 +32,7 @@ def _batch(n: int = 8) -> dict:
 
 
 def _module(**kw) -> DiffusionModule:
-    args = dict(unet=TINY, prune_ratio=0.5, objective="bilevel", samples_per_class=0, seed=0)
+    args = dict(unet=TINY_UNET, prune_ratio=0.5, objective="bilevel", samples_per_class=0, seed=0)
     args.update(kw)
     return DiffusionModule(**args)
 
@@ -105,7 +84,7 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="anchor_class"):
         _module(unlearn_loss="ablation")
     with pytest.raises(ValueError, match="num_class_embeds"):
-        DiffusionModule(unet={**TINY, "num_class_embeds": None})
+        DiffusionModule(unet={**TINY_UNET, "num_class_embeds": None})
     with pytest.raises(ValueError, match="forget"):
         _module().suppression_loss({"retain": _batch()["retain"]})
 
@@ -153,7 +132,7 @@ def test_teacher_fit_with_judge_metrics_sample_grid_and_export(tmp_path):
     torch.manual_seed(0)
     save_judge(DigitsCNN(width=8), tmp_path / "judge")
     module = DiffusionModule(
-        unet=TINY,
+        unet=TINY_UNET,
         objective="denoise",
         samples_per_class=2,
         sample_steps=2,
@@ -233,7 +212,7 @@ def test_module_and_datamodule_hparams_merge_under_a_logger(tmp_path):
     """Lightning refuses same-named hparams with different values; the teacher recipe has exactly that pairing."""
     from lightning.pytorch.loggers import CSVLogger
 
-    module = DiffusionModule(unet=TINY, objective="denoise", samples_per_class=0)
+    module = DiffusionModule(unet=TINY_UNET, objective="denoise", samples_per_class=0)
     trainer = _trainer(max_steps=1, limit_val_batches=0, logger=CSVLogger(str(tmp_path)))
     trainer.fit(module, DigitsDataModule(batch_size=16))
     assert trainer.global_step == 1

@@ -7,6 +7,7 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("torch_pruning")
+from conftest import tiny_unet2d  # noqa: E402
 
 from lightning_zobi.diffusion.pruning import (  # noqa: E402
     load_pruned_unet,
@@ -16,24 +17,6 @@ from lightning_zobi.diffusion.pruning import (  # noqa: E402
     save_pruned_unet,
     unet_example_inputs,
 )
-
-TINY = dict(
-    sample_size=8,
-    in_channels=1,
-    out_channels=1,
-    block_out_channels=(16, 32),
-    layers_per_block=1,
-    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-    norm_num_groups=4,
-    attention_head_dim=8,
-    num_class_embeds=11,
-)
-
-
-def _unet2d():
-    torch.manual_seed(0)
-    return diffusers.UNet2DModel(**TINY).eval()
 
 
 def _cond_unet(layers: int = 2):
@@ -53,7 +36,7 @@ def _cond_unet(layers: int = 2):
 
 
 def test_channel_pruning_halves_widths_and_keeps_the_model_runnable():
-    unet = _unet2d()
+    unet = tiny_unet2d().eval()
     conv1_before = unet.down_blocks[0].resnets[0].conv1.out_channels
     result = prune_unet_channels(unet, ratio=0.5)
     assert unet.down_blocks[0].resnets[0].conv1.out_channels == conv1_before // 2
@@ -73,7 +56,7 @@ def test_channel_pruning_halves_widths_and_keeps_the_model_runnable():
 
 
 def test_pruned_unet_roundtrips_through_safetensors(tmp_path):
-    unet = _unet2d()
+    unet = tiny_unet2d().eval()
     result = prune_unet_channels(unet, ratio=0.5)
     save_pruned_unet(unet, tmp_path / "student", history=result.history)
     assert (tmp_path / "student" / "diffusion_pytorch_model.safetensors").is_file()
@@ -84,8 +67,8 @@ def test_pruned_unet_roundtrips_through_safetensors(tmp_path):
 
 def test_taylor_pruning_needs_a_calibration_loss_and_uses_it():
     with pytest.raises(ValueError, match="calibration_loss"):
-        prune_unet_channels(_unet2d(), ratio=0.5, importance="taylor")
-    unet = _unet2d()
+        prune_unet_channels(tiny_unet2d().eval(), ratio=0.5, importance="taylor")
+    unet = tiny_unet2d().eval()
     inputs = unet_example_inputs(unet, batch_size=4)
     result = prune_unet_channels(
         unet, ratio=0.5, importance="taylor", calibration_loss=lambda m: m(**inputs).sample.pow(2).mean()
@@ -97,7 +80,7 @@ def test_taylor_pruning_needs_a_calibration_loss_and_uses_it():
 @pytest.mark.parametrize("bad", [-0.1, 1.0, "half"])
 def test_bad_ratio_is_refused(bad):
     with pytest.raises(ValueError, match="ratio"):
-        prune_unet_channels(_unet2d(), ratio=bad)
+        prune_unet_channels(tiny_unet2d().eval(), ratio=bad)
 
 
 def test_block_removal_bk_sdm_keeps_skips_aligned(tmp_path):
@@ -127,7 +110,7 @@ def test_channel_pruning_works_on_the_sd_unet_too():
 
 
 def test_measure_unet_reports_fewer_macs_after_pruning():
-    unet = _unet2d()
+    unet = tiny_unet2d().eval()
     before = measure_unet(unet, batch_size=4, repeats=2, warmup=1)
     prune_unet_channels(unet, ratio=0.5)
     after = measure_unet(unet, batch_size=4, repeats=2, warmup=1)
