@@ -31,7 +31,6 @@ import argparse
 import datetime as dt
 import gc
 import json
-import platform
 import resource
 import statistics
 import subprocess
@@ -43,18 +42,12 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers next to this script
+from _common import LLAMA_6_7B, device_name, llama_on, sync  # noqa: E402
 
 MODES = ("bf16_inference", "bf16_zo", "bf16_fo_adamw", "qzo")
 
-LLAMA_7B = dict(
-    hidden_size=4096,
-    intermediate_size=11008,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    vocab_size=32000,
-    max_position_embeddings=4096,
-)
+LLAMA_7B = dict(LLAMA_6_7B, max_position_embeddings=4096)
 """Llama-2-7B's architecture (6.7 B parameters)."""
 
 TINY = dict(
@@ -70,18 +63,12 @@ TINY = dict(
 
 def build_model(config: dict[str, Any], device: torch.device, seed: int = 0) -> torch.nn.Module:
     """A random-weight bf16 Llama built directly on ``device``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
     torch.manual_seed(seed)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)  # allocate bf16 weights directly (no fp32 copy of 7B)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(LlamaConfig(**config))
-    finally:
-        torch.set_default_dtype(previous)
+    model = llama_on(LlamaConfig(**config), device, torch.bfloat16)  # bf16 weights directly, no fp32 copy
     model.config.use_cache = False
-    return model.to(torch.bfloat16)
+    return model
 
 
 def model_bytes(model: torch.nn.Module) -> int:
@@ -103,11 +90,6 @@ def model_bytes(model: torch.nn.Module) -> int:
                 add(state.state2.absmax)
                 add(state.state2.code)
     return sum(seen.values())
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def run_mode(
@@ -295,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = dict(
         benchmark="qzo_memory",
         date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        device=device_name(device),
         torch=torch.__version__,
         config=config,
         batch=list(batch),

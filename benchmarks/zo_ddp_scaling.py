@@ -34,16 +34,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers next to this script
+from _common import LLAMA_1_1B  # noqa: E402
+
 MODELS: dict[str, dict[str, Any]] = {
-    "1.1b": dict(
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=22,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        vocab_size=32000,
-        max_position_embeddings=2048,
-    ),
+    "1.1b": dict(LLAMA_1_1B, max_position_embeddings=2048),
     "tiny": dict(
         hidden_size=64,
         intermediate_size=128,

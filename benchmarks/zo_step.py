@@ -35,7 +35,6 @@ import argparse
 import datetime as dt
 import gc
 import json
-import platform
 import statistics
 import sys
 import time
@@ -47,29 +46,18 @@ import torch
 
 from lightning_zobi.zo.optim import ZOSGD, build_optimizer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers next to this script
+from _common import LLAMA_1_1B, LLAMA_6_7B, device_name, llama_on, sync  # noqa: E402
+
 SHAPES: dict[str, dict[str, Any]] = {
     # TinyLlama-1.1B's architecture
     "1.1b": dict(
-        config=dict(
-            hidden_size=2048,
-            intermediate_size=5632,
-            num_hidden_layers=22,
-            num_attention_heads=32,
-            num_key_value_heads=4,
-            vocab_size=32000,
-        ),
+        config=LLAMA_1_1B,
         batch=(16, 256),
     ),
     # Llama-2-7B's architecture (6.7 B parameters)
     "6.7b": dict(
-        config=dict(
-            hidden_size=4096,
-            intermediate_size=11008,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=32,
-            vocab_size=32000,
-        ),
+        config=LLAMA_6_7B,
         batch=(8, 256),
     ),
     "tiny": dict(
@@ -107,18 +95,11 @@ LR, EPS = 1e-7, 1e-3
 
 def build_model(shape: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """A randomly initialised ``LlamaForCausalLM`` of the named shape, directly on ``device``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
     cfg = LlamaConfig(**SHAPES[shape]["config"], max_position_embeddings=2048, use_cache=False)
     cfg._attn_implementation = "sdpa"
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.to(device=device, dtype=dtype).eval()
+    return llama_on(cfg, device, dtype).eval()
 
 
 class MeZOStyle:
@@ -157,24 +138,19 @@ class MeZOStyle:
         return float(loss1)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _time(fn: Callable[[], Any], device: torch.device, warmup: int, steps: int) -> dict[str, Any]:
     """Median wall time of ``fn`` per call (synchronised) and the peak allocated memory over the calls."""
     for _ in range(warmup):
         fn()
-    _sync(device)
+    sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(steps):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     return {
@@ -359,9 +335,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {
         "meta": {
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "device": torch.cuda.get_device_name(device)
-            if device.type == "cuda"
-            else platform.processor() or "cpu",
+            "device": device_name(device),
             "torch": torch.__version__,
             "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
             "warmup": args.warmup,
