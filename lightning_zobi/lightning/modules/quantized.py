@@ -37,6 +37,16 @@ def _dtype(name: str | None, arg: str) -> torch.dtype | None:
     return _DTYPES[name]
 
 
+def _bnb_4bit_kwargs(quant_type: str, double_quant: bool, compute: torch.dtype) -> dict[str, Any]:
+    """Arguments of a 4-bit ``BitsAndBytesConfig`` (transformers' and diffusers' take the same ones)."""
+    return dict(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute,
+    )
+
+
 class QuantizedCausalLMModule(CausalLMModule):
     """A causal LM whose linear layers are bitsandbytes 4-bit (QLoRA's nf4 by default), for QZO.
 
@@ -77,10 +87,7 @@ class QuantizedCausalLMModule(CausalLMModule):
             from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
             config = BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type=quant_type,
-                bnb_4bit_use_double_quant=double_quant,
-                bnb_4bit_compute_dtype=compute or torch.float32,
+                **_bnb_4bit_kwargs(quant_type, double_quant, compute or torch.float32)
             )
             self.model = AutoModelForCausalLM.from_pretrained(
                 model, quantization_config=config, dtype=_dtype(dtype, "dtype")
@@ -181,6 +188,7 @@ class QuantizedDenoiserModule(pl.LightningModule):
         from diffusers import DDPMScheduler, UNet2DConditionModel
 
         compute = _dtype(compute_dtype, "compute_dtype") or torch.float32
+        quantized = False  # True once diffusers has loaded the UNet in 4-bit itself
         if isinstance(unet, str):
             if not os.path.isdir(unet):
                 raise ValueError(
@@ -190,32 +198,22 @@ class QuantizedDenoiserModule(pl.LightningModule):
             if torch.cuda.is_available():
                 from diffusers import BitsAndBytesConfig
 
-                config = BitsAndBytesConfig(
-                    load_in_4bit=True,
-                    bnb_4bit_quant_type=quant_type,
-                    bnb_4bit_use_double_quant=double_quant,
-                    bnb_4bit_compute_dtype=compute,
-                )
+                config = BitsAndBytesConfig(**_bnb_4bit_kwargs(quant_type, double_quant, compute))
                 self.unet = UNet2DConditionModel.from_pretrained(
                     unet, subfolder=subfolder, quantization_config=config
                 )
                 keep_cpu_layout_(self.unet)
+                quantized = True
             else:
                 # diffusers' bitsandbytes quantizer refuses to run without a GPU (0.42): load, then
-                # quantize the same Linear layers in memory with bitsandbytes on the CPU.
+                # quantize the same Linear layers in memory with bitsandbytes on the CPU (below).
                 self.unet = UNet2DConditionModel.from_pretrained(unet, subfolder=subfolder)
-                quantize_linear_4bit_(
-                    self.unet,
-                    skip=None,
-                    quant_type=quant_type,
-                    compress_statistics=double_quant,
-                    compute_dtype=compute,
-                )
         else:
             fields = dict(TINY_UNET if unet is None else unet)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 self.unet = UNet2DConditionModel(**fields)
+        if not quantized:
             quantize_linear_4bit_(
                 self.unet,
                 skip=None,
