@@ -47,7 +47,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_zobi.zo.directions import DirectionKey, Directions, _splitmix64, derive_seed
 from lightning_zobi.zo.estimators import Closure, Estimate
-from lightning_zobi.zo.optim import ZOSGD, ZOOptimizer
+from lightning_zobi.zo.optim import ZOSGD, ZOOptimizer, _reject_directions
 
 try:  # Triton is optional: the torch path needs none of it.
     import triton
@@ -568,11 +568,7 @@ class FusedZOSGD(ZOSGD):
         fast_math: bool = True,
         **kwargs: Any,
     ) -> None:
-        if kwargs.get("directions") is not None:
-            raise TypeError(
-                "FusedZOSGD draws its own fused Gaussian directions; drop the directions= argument."
-            )
-        kwargs.pop("directions", None)
+        _reject_directions(type(self).__name__, kwargs)
         if lookahead not in (None, True, False):
             raise ValueError(
                 f"lookahead={lookahead!r} is invalid: use None (fold when guarded), True or False."
