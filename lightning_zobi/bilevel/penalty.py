@@ -20,7 +20,44 @@ from torch import Tensor
 from lightning_zobi.bilevel.problem import BilevelProblem, BilevelSolver, GammaSchedule, clear_grads, swapped
 
 
-class ValueFunctionPenalty(BilevelSolver):
+class _InnerCopySolver(BilevelSolver):
+    """A solver that tracks ``argmin_z g(x, z)`` with an inner copy ``z`` (the penalty and ZOFO solvers).
+
+    Holds ``K`` (``inner_steps``), ``keep_best_z`` and the :class:`InnerCopy`, and adds ``z`` and its
+    optimizer state to the solver's checkpoint state.
+    """
+
+    def _init_inner(
+        self,
+        inner_steps: int,
+        inner_optimizer: str,
+        inner_lr: float,
+        reset_inner: bool,
+        keep_best_z: bool,
+        needs: str,
+    ) -> None:
+        """Validate ``inner_steps`` (``needs``: who needs K >= 1, for the message) and build ``z``."""
+        if not isinstance(inner_steps, int) or inner_steps < 1:
+            raise ValueError(f"inner_steps={inner_steps!r} is invalid: {needs} needs K >= 1 inner steps.")
+        self.keep_best_z = keep_best_z
+        self.inner_steps = inner_steps
+        self.inner = InnerCopy(self.problem.lower_params, inner_optimizer, inner_lr, reset_inner)
+
+    @property
+    def z(self) -> list[Tensor]:
+        """The inner copy of the lower parameters."""
+        return self.inner.z
+
+    def state_dict(self) -> dict[str, Any]:
+        """Step counter, the inner copy ``z`` (one tensor per lower parameter) and its optimizer state."""
+        return {**super().state_dict(), "inner": self.inner.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.inner.load_state_dict(state["inner"])
+
+
+class ValueFunctionPenalty(_InnerCopySolver):
     """Value-function penalty with an inner copy ``z``: one outer step = ``K`` inner steps + 1 update.
 
     Each step: (1) ``K`` gradient steps ``z ← z − β ∇_z g(x, z)`` on a copy of the lower
@@ -79,25 +116,15 @@ class ValueFunctionPenalty(BilevelSolver):
         max_grad_norm: float | None = None,
     ) -> None:
         super().__init__(problem, gamma, max_grad_norm)
-        self.keep_best_z = keep_best_z
-        if not isinstance(inner_steps, int) or inner_steps < 1:
-            raise ValueError(
-                f"inner_steps={inner_steps!r} is invalid: the value-function penalty needs K >= 1."
-            )
+        self._init_inner(
+            inner_steps, inner_optimizer, inner_lr, reset_inner, keep_best_z, "the value-function penalty"
+        )
         joint = problem.joint_params
         self._check_requires_grad(
             joint, self._names_of(joint), "upper/lower", "Unfreeze them, or narrow upper_params/lower_params."
         )
         self._check_optimizer_covers(optimizer, joint, self._names_of(joint))
         self.optimizer = optimizer
-        self.inner_steps = inner_steps
-        self.inner = InnerCopy(problem.lower_params, inner_optimizer, inner_lr, reset_inner)
-
-    # ------------------------------------------------------------------ inner problem
-    @property
-    def z(self) -> list[Tensor]:
-        """The inner copy of the lower parameters."""
-        return self.inner.z
 
     def _step(self, batch: Any, gamma: float) -> dict[str, float]:
         problem = self.problem
@@ -128,15 +155,6 @@ class ValueFunctionPenalty(BilevelSolver):
         clear_grads(joint)
         gap = g_value - g_z_value
         return {"f": f_value, "g": g_value, "gap": gap, "gamma": gamma, "objective": f_value + gamma * gap}
-
-    # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, Any]:
-        """Step counter, the inner copy ``z`` (one tensor per lower parameter) and its optimizer state."""
-        return {**super().state_dict(), "inner": self.inner.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.inner.load_state_dict(state["inner"])
 
 
 class ValueFunctionFree(BilevelSolver):

@@ -11,12 +11,12 @@ from typing import Any
 
 import torch
 
-from lightning_zobi.bilevel.penalty import InnerCopy
-from lightning_zobi.bilevel.problem import BilevelProblem, BilevelSolver, GammaSchedule, clear_grads, swapped
+from lightning_zobi.bilevel.penalty import _InnerCopySolver
+from lightning_zobi.bilevel.problem import BilevelProblem, GammaSchedule, clear_grads, swapped
 from lightning_zobi.zo.optim import ZOOptimizer, build_optimizer
 
 
-class BilevelZOFO(BilevelSolver):
+class BilevelZOFO(_InnerCopySolver):
     """Double loop: ``K`` first-order inner steps on the adapter, then one ZO step on the base model.
 
     The bilevel problem is reformulated with the value-function penalty as the minimax problem
@@ -80,11 +80,7 @@ class BilevelZOFO(BilevelSolver):
         max_grad_norm: float | None = None,
     ) -> None:
         super().__init__(problem, gamma, max_grad_norm)
-        self.keep_best_z = keep_best_z
-        if not isinstance(inner_steps, int) or inner_steps < 1:
-            raise ValueError(
-                f"inner_steps={inner_steps!r} is invalid: Bilevel ZOFO needs K >= 1 inner steps."
-            )
+        self._init_inner(inner_steps, inner_optimizer, inner_lr, reset_inner, keep_best_z, "Bilevel ZOFO")
         lower_ids = {id(p) for p in problem.lower_params}
         shared = [
             n for p, n in zip(problem.upper_params, problem.upper_names, strict=True) if id(p) in lower_ids
@@ -121,13 +117,6 @@ class BilevelZOFO(BilevelSolver):
             )
         # No autograd graph through the adapter during the ZO forwards either.
         self.zo.no_grad_params = list(problem.lower_params)
-        self.inner_steps = inner_steps
-        self.inner = InnerCopy(problem.lower_params, inner_optimizer, inner_lr, reset_inner)
-
-    @property
-    def z(self) -> list[torch.Tensor]:
-        """The inner copy of the adapter."""
-        return self.inner.z
 
     def _step(self, batch: Any, gamma: float) -> dict[str, float]:
         problem = self.problem
@@ -165,9 +154,8 @@ class BilevelZOFO(BilevelSolver):
 
     def state_dict(self) -> dict[str, Any]:
         """Step counter, the adapter copy ``z`` and the ZO rule's state (run seed, ZO step)."""
-        return {**super().state_dict(), "inner": self.inner.state_dict(), "zo": self.zo.state_dict()}
+        return {**super().state_dict(), "zo": self.zo.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.inner.load_state_dict(state["inner"])
         self.zo.load_state_dict(state["zo"])
