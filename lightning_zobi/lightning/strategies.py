@@ -83,6 +83,14 @@ def find_zo_optimizers(trainer: pl.Trainer) -> list[ZOOptimizer]:
     return list(found.values())
 
 
+def _register_once(
+    registry: _StrategyRegistry, name: str, cls: type, description: str, **init_params: Any
+) -> None:
+    """Register ``name`` unless it is there already (the module may be imported more than once)."""
+    if name not in registry:
+        registry.register(name, cls, description=description, **init_params)
+
+
 class _ScalarSyncMixin:
     """What ``zo_ddp`` and ``zo_fsdp`` share: attach ZO optimizers, count bytes, check agreement."""
 
@@ -232,20 +240,20 @@ class ZODDPStrategy(_ScalarSyncMixin, DDPStrategy):
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
         entries = (("zo_ddp", "popen"), ("zo_ddp_spawn", "spawn"), ("zo_ddp_fork", "fork"))
         for name, start_method in entries:
-            if name not in strategy_registry:
-                strategy_registry.register(
-                    name,
-                    cls,
-                    description=f"ZO data parallel (scalar all-reduce), start_method={start_method!r}",
-                    start_method=start_method,
-                )
-        if "zo_ddp_per_rank" not in strategy_registry:
-            strategy_registry.register(
-                "zo_ddp_per_rank",
+            _register_once(
+                strategy_registry,
+                name,
                 cls,
-                description="ZO data parallel with per-rank query seeds (N ranks = N-query estimate)",
-                query_seeds="per_rank",
+                f"ZO data parallel (scalar all-reduce), start_method={start_method!r}",
+                start_method=start_method,
             )
+        _register_once(
+            strategy_registry,
+            "zo_ddp_per_rank",
+            cls,
+            "ZO data parallel with per-rank query seeds (N ranks = N-query estimate)",
+            query_seeds="per_rank",
+        )
 
 
 _NO_ZO_OPTIMIZER_CHECKPOINT = (
@@ -341,12 +349,12 @@ class ZOFSDPStrategy(_ScalarSyncMixin, ModelParallelStrategy):
 
     @classmethod
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
-        if "zo_fsdp" not in strategy_registry:
-            strategy_registry.register(
-                "zo_fsdp",
-                cls,
-                description="Sharded ZO (FSDP2 / tensor parallel) with shard-invariant seeded directions",
-            )
+        _register_once(
+            strategy_registry,
+            "zo_fsdp",
+            cls,
+            "Sharded ZO (FSDP2 / tensor parallel) with shard-invariant seeded directions",
+        )
 
 
 ZODDPStrategy.register_strategies(StrategyRegistry)
