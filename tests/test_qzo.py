@@ -48,6 +48,19 @@ def lm_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model(input_ids=x, labels=x).loss
 
 
+def qzo_losses(
+    model: nn.Module, scales, x: torch.Tensor, lr: float, eps: float = 1e-3
+) -> tuple[float, float]:
+    """The loss on ``x`` before and after 15 QZO steps (seed 3) on ``scales``."""
+    with torch.no_grad():
+        loss0 = lm_loss(model, x).item()
+    opt = QZOOptimizer(scales, lr=lr, eps=eps, seed=3)
+    for _ in range(15):
+        opt.step(lambda: lm_loss(model, x))
+    with torch.no_grad():
+        return loss0, lm_loss(model, x).item()
+
+
 def linear4bit(compress_statistics: bool, seed: int = 0) -> tuple[nn.Module, nn.Linear]:
     torch.manual_seed(seed)
     ref = nn.Linear(128, 64)
@@ -159,14 +172,7 @@ def test_loss_falls_and_only_scales_change(compress_statistics: bool) -> None:
     fingerprint = scales.codes_fingerprint()
     others = {n: p.detach().clone() for n, p in model.named_parameters() if p.dtype.is_floating_point}
     start = [s.clone() for s in scales.tensors]
-    x = batch()
-    with torch.no_grad():
-        loss0 = lm_loss(model, x).item()
-    opt = QZOOptimizer(scales, lr=5e-2, eps=1e-3, seed=3)
-    for _ in range(15):
-        opt.step(lambda: lm_loss(model, x))
-    with torch.no_grad():
-        loss1 = lm_loss(model, x).item()
+    loss0, loss1 = qzo_losses(model, scales, batch(), lr=5e-2)
     assert loss1 < loss0 - 0.03, (loss0, loss1)
     assert scales.codes_fingerprint() == fingerprint  # 4-bit codes byte-identical
     assert all(not torch.equal(s, b) for s, b in zip(scales.tensors, start, strict=True))
@@ -253,14 +259,8 @@ def test_torchao_int4_weight_only_scales_on_cpu() -> None:
     scales = find_quant_scales(model, backends=["torchao"])
     assert len(scales) == 7 and {e.backend for e in scales.entries} == {"torchao"}
     fingerprint = scales.codes_fingerprint()
-    x = batch()
-    with torch.no_grad():
-        loss0 = lm_loss(model, x).item()
-    opt = QZOOptimizer(scales, lr=2e-3, eps=1e-4, seed=3)
-    for _ in range(15):
-        opt.step(lambda: lm_loss(model, x))
-    with torch.no_grad():
-        assert lm_loss(model, x).item() < loss0 - 0.05
+    loss0, loss1 = qzo_losses(model, scales, batch(), lr=2e-3, eps=1e-4)
+    assert loss1 < loss0 - 0.05
     assert scales.codes_fingerprint() == fingerprint
 
 
@@ -293,12 +293,6 @@ def test_qzo_on_cuda_double_quantized() -> None:
     scales = find_quant_scales(model)
     assert all(s.is_cuda and s.dtype == torch.float32 for s in scales.tensors)
     fingerprint = scales.codes_fingerprint()
-    x = batch().cuda()
-    with torch.no_grad():
-        loss0 = lm_loss(model, x).item()
-    opt = QZOOptimizer(scales, lr=5e-2, eps=1e-3, seed=3)
-    for _ in range(15):
-        opt.step(lambda: lm_loss(model, x))
-    with torch.no_grad():
-        assert lm_loss(model, x).item() < loss0 - 0.03
+    loss0, loss1 = qzo_losses(model, scales, batch().cuda(), lr=5e-2)
+    assert loss1 < loss0 - 0.03
     assert scales.codes_fingerprint() == fingerprint
