@@ -119,12 +119,12 @@ class ValueFunctionPenalty(_InnerCopySolver):
         self._init_inner(
             inner_steps, inner_optimizer, inner_lr, reset_inner, keep_best_z, "the value-function penalty"
         )
-        joint = problem.joint_params
-        self._check_requires_grad(
-            joint, self._names_of(joint), "upper/lower", "Unfreeze them, or narrow upper_params/lower_params."
+        self._bind_optimizer(
+            optimizer,
+            problem.joint_params,
+            "upper/lower",
+            "Unfreeze them, or narrow upper_params/lower_params.",
         )
-        self._check_optimizer_covers(optimizer, joint, self._names_of(joint))
-        self.optimizer = optimizer
 
     def _step(self, batch: Any, gamma: float) -> dict[str, float]:
         problem = self.problem
@@ -185,12 +185,12 @@ class ValueFunctionFree(BilevelSolver):
         max_grad_norm: float | None = None,
     ) -> None:
         super().__init__(problem, gamma, max_grad_norm)
-        joint = problem.joint_params
-        self._check_requires_grad(
-            joint, self._names_of(joint), "upper/lower", "Unfreeze them, or narrow upper_params/lower_params."
+        self._bind_optimizer(
+            optimizer,
+            problem.joint_params,
+            "upper/lower",
+            "Unfreeze them, or narrow upper_params/lower_params.",
         )
-        self._check_optimizer_covers(optimizer, joint, self._names_of(joint))
-        self.optimizer = optimizer
 
     def _step(self, batch: Any, gamma: float) -> dict[str, float]:
         joint = self.problem.joint_params

@@ -456,6 +456,15 @@ class BilevelSolver(ABC):
                 ") from configure_optimizers) or narrow upper_params/lower_params."
             )
 
+    def _bind_optimizer(
+        self, optimizer: torch.optim.Optimizer, params: Sequence[Tensor], what: str, fix: str
+    ) -> None:
+        """Check ``params`` require grad and ``optimizer`` holds them all; keep it as ``self.optimizer``."""
+        names = self._names_of(params)
+        self._check_requires_grad(params, names, what, fix)
+        self._check_optimizer_covers(optimizer, params, names)
+        self.optimizer = optimizer
+
     def _clip(self, params: Sequence[Tensor]) -> None:
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], self.max_grad_norm)

@@ -90,14 +90,12 @@ class BilevelZOFO(_InnerCopySolver):
                 f"Bilevel ZOFO needs disjoint levels, but {len(shared)} tensor(s) are both upper (ZO) and lower "
                 f"(first order): {shared[:4]}. Use upper_params='base' and lower_params='lora' on a peft model."
             )
-        self._check_requires_grad(
+        self._bind_optimizer(
+            optimizer,
             problem.lower_params,
-            problem.lower_names,
             "lower",
             "The lower level of Bilevel ZOFO is the adapter: add a peft LoRA and pick it with lower_params='lora'.",
         )
-        self._check_optimizer_covers(optimizer, problem.lower_params, problem.lower_names)
-        self.optimizer = optimizer
         if isinstance(zo_optimizer, ZOOptimizer):
             held = {id(p) for g in zo_optimizer.param_groups for p in g["params"]}
             if held != {id(p) for p in problem.upper_params}:
