@@ -109,3 +109,22 @@ def tiny_unet2d() -> nn.Module:
 
     torch.manual_seed(0)
     return diffusers.UNet2DModel(**TINY_UNET)
+
+
+def tiny_cond_unet(layers: int = 2) -> nn.Module:
+    """A tiny text-conditioned ``UNet2DConditionModel`` (8x8 latents, cross-attention on 16-d), seed 0."""
+    import diffusers
+
+    torch.manual_seed(0)
+    return diffusers.UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=layers,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16,
+        norm_num_groups=4,
+        attention_head_dim=4,
+    )

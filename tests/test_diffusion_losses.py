@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
-diffusers = pytest.importorskip("diffusers")
-from conftest import tiny_unet2d  # noqa: E402
+pytest.importorskip("diffusers")
+from conftest import tiny_cond_unet, tiny_unet2d  # noqa: E402
 
 from lightning_zobi.diffusion.distill import (  # noqa: E402
     FeatureDistiller,
@@ -92,19 +92,7 @@ def test_esd_parameter_scopes():
     u = esd_parameter_names(unet, "esd_u")
     assert "class_embedding.weight" in x and not any("conv1" in n for n in x)
     assert set(x).isdisjoint(u) and len(x) + len(u) == len(list(unet.parameters()))
-    torch.manual_seed(0)
-    cond = diffusers.UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=16,
-        norm_num_groups=4,
-        attention_head_dim=4,
-    )
+    cond = tiny_cond_unet(layers=1)
     assert all("attn2." in n for n in esd_parameter_names(cond, "esd_x"))
     assert not any("attn2." in n for n in esd_parameter_names(cond, "esd_u"))
     with pytest.raises(ValueError, match="scope"):

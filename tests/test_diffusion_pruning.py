@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("diffusers")
 pytest.importorskip("torch_pruning")
-from conftest import tiny_unet2d  # noqa: E402
+from conftest import tiny_cond_unet, tiny_unet2d  # noqa: E402
 
 from lightning_zobi.diffusion.pruning import (  # noqa: E402
     load_pruned_unet,
@@ -20,19 +20,7 @@ from lightning_zobi.diffusion.pruning import (  # noqa: E402
 
 
 def _cond_unet(layers: int = 2):
-    torch.manual_seed(0)
-    return diffusers.UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=layers,
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=16,
-        norm_num_groups=4,
-        attention_head_dim=4,
-    ).eval()
+    return tiny_cond_unet(layers).eval()
 
 
 def test_channel_pruning_halves_widths_and_keeps_the_model_runnable():
