@@ -31,6 +31,16 @@ LLAMA_6_7B: dict[str, Any] = dict(
 )
 """Llama-2-7B's architecture (6.7 B parameters)."""
 
+LLAMA_TINY: dict[str, Any] = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=256,
+)
+"""A 2-layer Llama for CPU smoke runs of the benchmarks."""
+
 
 def llama_on(config: Any, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """A random-weight ``LlamaForCausalLM`` allocated directly on ``device`` in ``dtype``.

@@ -35,19 +35,11 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers next to this script
-from _common import LLAMA_1_1B  # noqa: E402
+from _common import LLAMA_1_1B, LLAMA_TINY  # noqa: E402
 
 MODELS: dict[str, dict[str, Any]] = {
     "1.1b": dict(LLAMA_1_1B, max_position_embeddings=2048),
-    "tiny": dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        max_position_embeddings=256,
-    ),
+    "tiny": dict(LLAMA_TINY, max_position_embeddings=256),
 }
 
 

@@ -47,7 +47,7 @@ import torch
 from lightning_zobi.zo.optim import ZOSGD, build_optimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers next to this script
-from _common import LLAMA_1_1B, LLAMA_6_7B, device_name, llama_on, sync  # noqa: E402
+from _common import LLAMA_1_1B, LLAMA_6_7B, LLAMA_TINY, device_name, llama_on, sync  # noqa: E402
 
 SHAPES: dict[str, dict[str, Any]] = {
     # TinyLlama-1.1B's architecture
@@ -61,14 +61,7 @@ SHAPES: dict[str, dict[str, Any]] = {
         batch=(8, 256),
     ),
     "tiny": dict(
-        config=dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=256,
-        ),
+        config=LLAMA_TINY,
         batch=(2, 16),
     ),
 }
