@@ -82,6 +82,21 @@ def quiet_trainer(**kwargs) -> pl.Trainer:
     return pl.Trainer(**defaults)
 
 
+def tiny_mlp(seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
+    """A seeded 6 -> 12 -> 3 ReLU MLP, the ZO core's smallest test model."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3)).to(dtype=dtype, device=device)
+
+
+def mse_closure(model: nn.Module, seed: int = 1):
+    """A closure giving ``model``'s MSE on a fixed random batch (32 x 6 -> 3) in the model's dtype and device."""
+    p = next(model.parameters())
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(32, 6, generator=gen).to(p)
+    y = torch.randn(32, 3, generator=gen).to(p)
+    return lambda: nn.functional.mse_loss(model(x), y)
+
+
 @pytest.fixture
 def plain_module() -> PlainRegression:
     torch.manual_seed(0)

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from torch import nn
+from conftest import mse_closure, tiny_mlp
 
 pytest.importorskip("triton")
 
@@ -24,19 +24,6 @@ CUDA = pytest.param(
 )
 DEVICES = ["cpu", CUDA]
 UNIT = {torch.float32: 2.0**-24, torch.float64: 2.0**-53, torch.bfloat16: 2.0**-8}
-
-
-def _mlp(seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3)).to(dtype=dtype, device=device)
-
-
-def _closure(model: nn.Module, seed: int = 1):
-    p = next(model.parameters())
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(32, 6, generator=gen).to(p)
-    y = torch.randn(32, 3, generator=gen).to(p)
-    return lambda: nn.functional.mse_loss(model(x), y)
 
 
 def _z32(dirs: FusedGaussianDirections, p: torch.Tensor, index: int, key: DirectionKey) -> torch.Tensor:
@@ -99,11 +86,11 @@ def test_regenerates_identically_and_in_place_adds_the_same_direction(device):
 @pytest.mark.parametrize("difference", ["central", "forward"])
 def test_lr_zero_step_restores_within_the_torch_bound(device, dtype, difference):
     """lr=0, no look-ahead: |Δ| ≤ 3u(|θ| + ε|z|) per element, the torch path's bound."""
-    model = _mlp(dtype=dtype, device=device)
+    model = tiny_mlp(dtype=dtype, device=device)
     before = [p.detach().clone() for p in model.parameters()]
     eps = 1e-3
     opt = FusedZOSGD(model.parameters(), lr=0.0, eps=eps, difference=difference, seed=5, lookahead=False)
-    opt.step(_closure(model))
+    opt.step(mse_closure(model))
     u, key = UNIT[dtype], opt.keys_for_step(0)[0]
     for index, (p, p0) in enumerate(zip(model.parameters(), before, strict=True)):
         z = _z32(opt.fused_directions, p, index, key)
@@ -115,11 +102,11 @@ def test_lr_zero_step_restores_within_the_torch_bound(device, dtype, difference)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_lookahead_then_unperturb_restores(device, dtype):
     """Folded: +εz0, −2εz0, +εz0+εz1, −εz1: four roundings, |Δ| ≤ 4u(|θ| + ε|z0| + ε|z1|)."""
-    model = _mlp(dtype=dtype, device=device)
+    model = tiny_mlp(dtype=dtype, device=device)
     before = [p.detach().clone() for p in model.parameters()]
     eps = 1e-3
     opt = FusedZOSGD(model.parameters(), lr=0.0, eps=eps, seed=5, lookahead=True)
-    opt.step(_closure(model))
+    opt.step(mse_closure(model))
     assert opt.perturbed
     opt.unperturb()
     assert not opt.perturbed
@@ -136,7 +123,7 @@ def test_lookahead_then_unperturb_restores(device, dtype):
 @pytest.mark.parametrize("queries", [1, 3])
 def test_fused_update_equals_torch_update_for_the_same_estimate(device, dtype, tol, queries):
     """Same perturbed θ, same projected gradients: the fused pass equals ZOSGD's torch update."""
-    a, b = _mlp(dtype=dtype, device=device), _mlp(dtype=dtype, device=device)
+    a, b = tiny_mlp(dtype=dtype, device=device), tiny_mlp(dtype=dtype, device=device)
     groups = lambda m: [  # noqa: E731  (two groups with their own lr / decay)
         {"params": list(m[0].parameters()), "lr": 0.05, "weight_decay": 0.1},
         {"params": list(m[2].parameters())},
@@ -160,7 +147,7 @@ def test_fused_update_equals_torch_update_for_the_same_estimate(device, dtype, t
 @pytest.mark.parametrize("device", DEVICES)
 def test_lookahead_trajectory_equals_unfolded_and_torch_reference(device):
     """Five float64 steps: folded = unfolded = ZOSGD with the same directions (torch algebra)."""
-    models = [_mlp(dtype=torch.float64, device=device) for _ in range(3)]
+    models = [tiny_mlp(dtype=torch.float64, device=device) for _ in range(3)]
     kw = dict(lr=0.01, eps=1e-3, weight_decay=0.1, seed=3)
     opts = [
         FusedZOSGD(models[0].parameters(), lookahead=True, **kw),
@@ -169,7 +156,7 @@ def test_lookahead_trajectory_equals_unfolded_and_torch_reference(device):
     ]
     for _ in range(5):
         for model, opt in zip(models, opts, strict=True):
-            opt.step(_closure(model))
+            opt.step(mse_closure(model))
     opts[0].unperturb()
     for ps in zip(*(m.parameters() for m in models), strict=True):
         torch.testing.assert_close(ps[0], ps[1], rtol=1e-10, atol=1e-12)
@@ -177,25 +164,25 @@ def test_lookahead_trajectory_equals_unfolded_and_torch_reference(device):
 
 
 def test_guard_unperturbs_before_outside_forward_and_state_dict():
-    guarded, plain = _mlp(dtype=torch.float64), _mlp(dtype=torch.float64)
+    guarded, plain = tiny_mlp(dtype=torch.float64), tiny_mlp(dtype=torch.float64)
     g_opt = FusedZOSGD(guarded.parameters(), lr=0.01, eps=1e-3, seed=2)
     p_opt = FusedZOSGD(plain.parameters(), lr=0.01, eps=1e-3, seed=2)
     g_opt.guard(guarded)
     for _ in range(2):
-        g_opt.step(_closure(guarded))
-        p_opt.step(_closure(plain))
+        g_opt.step(mse_closure(guarded))
+        p_opt.step(mse_closure(plain))
     assert g_opt.perturbed and not p_opt.perturbed  # lookahead=None folds only when guarded
     state = guarded.state_dict()  # a checkpoint sees clean weights
     assert not g_opt.perturbed
     for (name, v), q in zip(state.items(), plain.parameters(), strict=True):
         torch.testing.assert_close(v, q, rtol=1e-10, atol=1e-12, msg=name)
-    g_opt.step(_closure(guarded))
-    p_opt.step(_closure(plain))
+    g_opt.step(mse_closure(guarded))
+    p_opt.step(mse_closure(plain))
     x = torch.randn(4, 6, dtype=torch.float64)
     torch.testing.assert_close(guarded(x), plain(x), rtol=1e-10, atol=1e-12)  # validation: clean
     assert not g_opt.perturbed
-    g_opt.step(_closure(guarded))  # the step after an unperturb re-applies +εz itself
-    p_opt.step(_closure(plain))
+    g_opt.step(mse_closure(guarded))  # the step after an unperturb re-applies +εz itself
+    p_opt.step(mse_closure(plain))
     g_opt.unguard()
     for p, q in zip(guarded.parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
@@ -203,7 +190,7 @@ def test_guard_unperturbs_before_outside_forward_and_state_dict():
 
 
 def test_switch_and_errors():
-    model = _mlp()
+    model = tiny_mlp()
     assert not use_fused(None, model.parameters())  # automatic: CPU keeps the torch path
     assert type(build_optimizer("zo_sgd", model.parameters())) is ZOSGD
     assert type(build_optimizer("zo_sgd", model.parameters(), fused=True)) is FusedZOSGD

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import mse_closure, tiny_mlp
 from torch import nn
 
 from lightning_zobi.zo import (
@@ -18,18 +19,6 @@ from lightning_zobi.zo import (
     central_difference,
     derive_seed,
 )
-
-
-def _mlp(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3)).to(dtype)
-
-
-def _closure(model: nn.Module, seed: int = 1):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(32, 6, generator=gen).to(next(model.parameters()).dtype)
-    y = torch.randn(32, 3, generator=gen).to(x.dtype)
-    return lambda: nn.functional.mse_loss(model(x), y)
 
 
 def test_derive_seed_is_stable_and_distinct():
@@ -58,11 +47,11 @@ def test_lr_zero_step_restores_parameters_within_rounding(dtype, difference):
     (+εz, −2εz, +εz) round once each. In float64 the perturbation is also tested bit-exactly
     restored when ε z is a power of two apart from θ's ulp (not guaranteed in general).
     """
-    model = _mlp(dtype=dtype)
+    model = tiny_mlp(dtype=dtype)
     before = [p.detach().clone() for p in model.parameters()]
     eps = 1e-3
     opt = ZOSGD(model.parameters(), lr=0.0, eps=eps, difference=difference, seed=5)
-    opt.step(_closure(model))
+    opt.step(mse_closure(model))
     u = {torch.float32: 2.0**-24, torch.float64: 2.0**-53, torch.bfloat16: 2.0**-8}[dtype]
     key = opt.keys_for_step(0)[0]
     for index, (p, p0) in enumerate(zip(model.parameters(), before, strict=True)):
@@ -104,8 +93,8 @@ def test_central_estimate_is_unbiased_on_a_quadratic():
 
 @pytest.mark.parametrize("queries,difference", [(1, "central"), (4, "central"), (2, "forward")])
 def test_zo_sgd_decreases_a_regression_loss(queries, difference):
-    model = _mlp()
-    closure = _closure(model)
+    model = tiny_mlp()
+    closure = mse_closure(model)
     start = float(closure())
     opt = ZOSGD(model.parameters(), lr=0.02, eps=1e-3, queries=queries, difference=difference)
     for _ in range(200):
@@ -116,22 +105,22 @@ def test_zo_sgd_decreases_a_regression_loss(queries, difference):
 
 def test_fused_sgd_update_equals_the_generic_rule():
     """ZOSGD's fused restore+update gives the base class's restore-then-update result."""
-    a, b = _mlp(dtype=torch.float64), _mlp(dtype=torch.float64)
+    a, b = tiny_mlp(dtype=torch.float64), tiny_mlp(dtype=torch.float64)
     fused = ZOSGD(a.parameters(), lr=0.01, eps=1e-3, weight_decay=0.1, seed=3)
     generic = ZOOptimizer(b.parameters(), lr=0.01, eps=1e-3, weight_decay=0.1, seed=3)
     for _ in range(5):
-        fused.step(_closure(a))
-        generic.step(_closure(b))
+        fused.step(mse_closure(a))
+        generic.step(mse_closure(b))
     for p, q in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
 
 
 def test_same_seed_bit_identical_and_other_seed_differs():
     def run(seed):
-        model = _mlp()
+        model = tiny_mlp()
         opt = ZOSGD(model.parameters(), lr=0.01, eps=1e-3, seed=seed, queries=2)
         for _ in range(10):
-            opt.step(_closure(model))
+            opt.step(mse_closure(model))
         return [p.detach().clone() for p in model.parameters()]
 
     first, again, other = run(1), run(1), run(2)
@@ -140,18 +129,18 @@ def test_same_seed_bit_identical_and_other_seed_differs():
 
 
 def test_state_dict_round_trip_resumes_exactly():
-    model = _mlp()
+    model = tiny_mlp()
     opt = ZOSGD(model.parameters(), lr=0.01, eps=1e-3, seed=9)
     for _ in range(3):
-        opt.step(_closure(model))
+        opt.step(mse_closure(model))
     state = opt.state_dict()
     assert state["zo"]["seed"] == 9 and state["zo"]["step"] == 3
     snapshot = [p.detach().clone() for p in model.parameters()]
     for _ in range(3):
-        opt.step(_closure(model))
+        opt.step(mse_closure(model))
     continued = [p.detach().clone() for p in model.parameters()]
 
-    clone = _mlp()
+    clone = tiny_mlp()
     with torch.no_grad():
         for p, s in zip(clone.parameters(), snapshot, strict=True):
             p.copy_(s)
@@ -159,12 +148,12 @@ def test_state_dict_round_trip_resumes_exactly():
     resumed.load_state_dict(state)
     assert resumed.seed == 9 and resumed.zo_step == 3 and resumed.param_groups[0]["lr"] == 0.01
     for _ in range(3):
-        resumed.step(_closure(clone))
+        resumed.step(mse_closure(clone))
     assert all(torch.equal(p, q) for p, q in zip(clone.parameters(), continued, strict=True))
 
 
 def test_no_graph_even_if_the_closure_enables_grad():
-    model = _mlp()
+    model = tiny_mlp()
     seen = []
 
     @torch.enable_grad()
@@ -179,7 +168,7 @@ def test_no_graph_even_if_the_closure_enables_grad():
 
 
 def test_bad_inputs_get_clear_errors():
-    model = _mlp()
+    model = tiny_mlp()
     with pytest.raises(ValueError, match="no trainable parameters"):
         ZOSGD([], lr=0.1)
     with pytest.raises(ValueError, match="eps=0"):
@@ -204,7 +193,7 @@ def test_bad_inputs_get_clear_errors():
 
 
 def test_non_finite_losses_are_skipped_counted_then_stop():
-    model = _mlp()
+    model = tiny_mlp()
     before = [p.detach().clone() for p in model.parameters()]
     opt = ZOSGD(model.parameters(), lr=0.01, max_nonfinite=3, seed=4)
     for _ in range(2):
@@ -212,8 +201,10 @@ def test_non_finite_losses_are_skipped_counted_then_stop():
     assert opt.nonfinite_total == 2 and opt.zo_step == 2
     for p, p0 in zip(model.parameters(), before, strict=True):  # skipped steps only restore
         torch.testing.assert_close(p, p0, rtol=0, atol=1e-6)
-    with pytest.raises(NonFiniteLossError, match=r"3 ZO steps in a row.*step 2.*seed 4.*smaller learning rate"):
+    with pytest.raises(
+        NonFiniteLossError, match=r"3 ZO steps in a row.*step 2.*seed 4.*smaller learning rate"
+    ):
         opt.step(lambda: torch.tensor(float("inf")))
     opt.nonfinite_streak = 0
-    opt.step(_closure(model))  # a finite step resets the streak
+    opt.step(mse_closure(model))  # a finite step resets the streak
     assert opt.nonfinite_streak == 0
