@@ -55,6 +55,7 @@ def run_stage(
     trainer = config["trainer"]
     trainer.update(default_root_dir=str(out), enable_progress_bar=False, logger=False, limit_val_batches=0)
     trainer.pop("val_check_interval", None)
+    trainer["check_val_every_n_epoch"] = 1  # without validation, ModelCheckpoint saves at epoch (and fit) end
     trainer["max_steps"] = max(1, round(trainer["max_steps"] * scale))
     checkpoints = [cb for cb in trainer.get("callbacks", []) if cb["class_path"].endswith("ModelCheckpoint")]
     if len(checkpoints) != 1:
@@ -95,6 +96,11 @@ def main() -> None:
     parser.add_argument("--no-zo", action="store_true", help="skip the ZO recipes")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for tiny models)")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every recipe's max_steps")
+    parser.add_argument(
+        "--reuse-stages",
+        action="store_true",
+        help="reuse learn_facts/retain_only checkpoints of an earlier run",
+    )
     parser.add_argument("--workdir", default=str(ROOT / "runs" / "llm_unlearn_bench"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "llm_unlearn.json"))
     args = parser.parse_args()
@@ -127,8 +133,12 @@ def main() -> None:
             flush=True,
         )
 
-    learned, wall = run_stage("learn_facts", workdir, None, None, args.steps_scale)
-    retain_only, wall_r = run_stage("retain_only", workdir, None, None, args.steps_scale)
+    if args.reuse_stages:
+        learned, wall = workdir / "learn_facts" / "learned.ckpt", float("nan")
+        retain_only, wall_r = workdir / "retain_only" / "retain_only.ckpt", float("nan")
+    else:
+        learned, wall = run_stage("learn_facts", workdir, None, None, args.steps_scale)
+        retain_only, wall_r = run_stage("retain_only", workdir, None, None, args.steps_scale)
     ref_metrics, reference = score(retain_only, "retain_only", None, tok, splits)
     ref_metrics, _ = score(retain_only, "retain_only", reference, tok, splits)
     learned_metrics, _ = score(learned, "learn_facts", reference, tok, splits)
@@ -140,14 +150,19 @@ def main() -> None:
             if mode == "ZO" and args.no_zo:
                 continue
             recipe = f"unlearn_{method}{suffix}"
-            ckpt, wall = run_stage(recipe, workdir, learned, retain_only, args.steps_scale)
+            try:
+                ckpt, wall = run_stage(recipe, workdir, learned, retain_only, args.steps_scale)
+            except Exception as err:  # a diverging ZO run must not hide the other rows
+                rows.append({"method": method, "mode": mode, "error": f"{type(err).__name__}: {err}"})
+                print(f"{method:>12} {mode:>3}  FAILED: {err}", flush=True)
+                continue
             metrics, _ = score(ckpt, recipe, reference, tok, splits)
             record(method, mode, wall, metrics)
 
     base_forget, base_retain = ref_metrics["forget/em"], learned_metrics["retain/em"]
     checks = {}
     for row in rows:
-        if row["method"] in ("grad_diff", "npo"):
+        if row["method"] in ("grad_diff", "npo") and "error" not in row:
             checks[f"{row['method']}_{row['mode']}"] = {
                 "forget_within_5pts_of_retain_only": abs(row["forget/em"] - base_forget) <= 0.05 + 1e-9,
                 "retain_at_least_90pct_of_learned": row["retain/em"] >= 0.9 * base_retain,
