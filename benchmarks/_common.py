@@ -68,3 +68,21 @@ def sync(device: torch.device) -> None:
 def device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU's processor string."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+
+
+def quiet_trainer(**kwargs: Any) -> Any:
+    """A Lightning ``Trainer`` for timed benchmark fits: no logger, checkpoints, progress bar, summary or validation.
+
+    ``kwargs`` (accelerator, max_steps, callbacks, ...) are added to, or override, those defaults.
+    """
+    import lightning.pytorch as pl
+
+    defaults: dict[str, Any] = dict(
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    return pl.Trainer(**{**defaults, **kwargs})

@@ -17,11 +17,15 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers next to this script
+from _common import quiet_trainer  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -77,17 +81,11 @@ def main() -> None:
         size=32, channels=3, batch_size=args.batch, forget_class=3, forget_batch_size=args.batch
     )
     callback = Bilevel(solver="penalty", gamma=1.0, inner_steps=1, inner_optimizer="adam", inner_lr=1e-3)
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         accelerator="gpu" if args.device == "cuda" else "cpu",
         devices=1,
         precision="bf16-mixed",
         max_steps=args.steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
         callbacks=[callback],
     )
     start = time.perf_counter()

@@ -24,6 +24,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 import warnings
 from datetime import datetime, timezone
@@ -31,23 +32,15 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers next to this script
+from _common import quiet_trainer  # noqa: E402
+
 warnings.filterwarnings("ignore")
 
 
 def _trainer(max_steps: int = -1, max_epochs: int | None = None, callbacks=None):
-    import lightning.pytorch as pl
-
-    return pl.Trainer(
-        accelerator="cpu",
-        max_steps=max_steps,
-        max_epochs=max_epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=callbacks or [],
+    return quiet_trainer(
+        accelerator="cpu", max_steps=max_steps, max_epochs=max_epochs, callbacks=callbacks or []
     )
 
 
