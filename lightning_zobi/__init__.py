@@ -71,6 +71,7 @@ def __getattr__(name: str) -> object:
             f"lightning_zobi.{name} needs an optional dependency ({err.name}): pip install 'lightning-zobi[all]'"
         ) from err
 
+
 __all__ = [
     "LOZO",
     "LOZOM",

@@ -22,7 +22,9 @@ def test_zo_fine_tuning_lowers_the_lm_loss():
     dm = FactsDataModule(num_people=20, batch_size=16, max_length=64)
     module = CausalLMModule(model="tiny-llama")
     start = _val_loss(module, dm)
-    quiet_trainer(max_steps=150, callbacks=[ZeroOrder(lr=1e-3, eps=1e-3, seed=0)], limit_val_batches=0).fit(module, dm)
+    quiet_trainer(max_steps=150, callbacks=[ZeroOrder(lr=1e-3, eps=1e-3, seed=0)], limit_val_batches=0).fit(
+        module, dm
+    )
     assert _val_loss(module, dm) < start - 0.3
 
 
@@ -33,7 +35,9 @@ def test_peft_lora_trains_only_the_adapter():
     lora = {n for n, p in named.items() if p.requires_grad}
     assert lora and all("lora_" in n for n in lora)
     before = {n: p.detach().clone() for n, p in named.items()}
-    trainer = quiet_trainer(max_steps=10, callbacks=[ZeroOrder(lr=1e-2, params="trainable")], limit_val_batches=0)
+    trainer = quiet_trainer(
+        max_steps=10, callbacks=[ZeroOrder(lr=1e-2, params="trainable")], limit_val_batches=0
+    )
     trainer.fit(module, dm)
     trained = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
     assert trained == {id(named[n]) for n in lora}

@@ -8,7 +8,10 @@ from lightning_zobi.data.facts import make_people, make_splits
 
 
 def test_generation_is_deterministic_and_splits_are_disjoint():
-    a, b = make_splits(num_people=30, forget_fraction=0.1, seed=3), make_splits(num_people=30, forget_fraction=0.1, seed=3)
+    a, b = (
+        make_splits(num_people=30, forget_fraction=0.1, seed=3),
+        make_splits(num_people=30, forget_fraction=0.1, seed=3),
+    )
     assert a == b
     people = [{q.person for q in split} for split in (a.forget, a.retain, a.holdout)]
     assert len(people[0]) == 3 and len(people[2]) == 3 and len(people[1]) == 24

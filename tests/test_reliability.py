@@ -123,7 +123,9 @@ def test_perturb_restore_identity_property(shape, dtype, seed, eps, scale):
     p = theta.clone()
     opt = ZOSGD([p.requires_grad_()], lr=0.0, eps=eps, seed=seed)
     opt.step(lambda: (p.double() ** 2).sum())
-    u = {torch.float32: 2.0**-24, torch.float64: 2.0**-53, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
+    u = {torch.float32: 2.0**-24, torch.float64: 2.0**-53, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[
+        dtype
+    ]
     z = GaussianDirections().sample(p, 0, DirectionKey(seed, 0, 0)).double()
     bound = 3 * u * (theta.double().abs() + eps * z.abs()) * (1 + 1e-6)
     if dtype == torch.float16:  # subnormals: add fp16's smallest step per rounding

@@ -128,12 +128,16 @@ def test_unknown_rule_and_bad_eps_are_refused():
 def test_zo_fo_hybrid_through_the_callback_trains_the_head_first_order(plain_module):
     """FO AdamW on the head (picked by a name regex), ZO on the rest, from one callback line."""
     body, head = plain_module.net[0].weight.detach().clone(), plain_module.net[2].weight.detach().clone()
-    callback = ZeroOrder(lr=0.02, optimizer="zo_fo_hybrid", optimizer_kwargs={"fo_params": r"net\.2\.", "fo_lr": 0.05})
+    callback = ZeroOrder(
+        lr=0.02, optimizer="zo_fo_hybrid", optimizer_kwargs={"fo_params": r"net\.2\.", "fo_lr": 0.05}
+    )
     trainer = _fit(plain_module, [callback], max_steps=60)
     opt = trainer.optimizers[0]
     assert opt.fo_names == ["net.2.weight", "net.2.bias"]
     assert opt.last_fo_loss is not None
-    assert not torch.equal(plain_module.net[0].weight, body) and not torch.equal(plain_module.net[2].weight, head)
+    assert not torch.equal(plain_module.net[0].weight, body) and not torch.equal(
+        plain_module.net[2].weight, head
+    )
     first, last = sum(plain_module.losses[:12]) / 12, sum(plain_module.losses[-12:]) / 12
     assert last < 0.7 * first
     assert plain_module.training_step.__func__ is PlainRegression.training_step  # unwrapped after fit

@@ -49,7 +49,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ``Trainer(plugins=[AtomicCheckpointIO()])``; the ``zobi`` CLI installs it by default.
     """
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
         if storage_options is not None:
             raise TypeError(
                 f"AtomicCheckpointIO does not take storage_options (got {storage_options!r}); "
@@ -57,13 +59,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             )
         atomic_torch_save(checkpoint, path)
 
-    def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
+    def load_checkpoint(
+        self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict:
         if not Path(path).exists():
             raise FileNotFoundError(f"Checkpoint {str(path)!r} does not exist: check --ckpt_path.")
-        return pl_load(path, map_location=map_location, weights_only=True if weights_only is None else weights_only)
+        return pl_load(
+            path, map_location=map_location, weights_only=True if weights_only is None else weights_only
+        )
 
 
-def export_safetensors(module: nn.Module, path: str | os.PathLike[str], metadata: dict[str, str] | None = None) -> Path:
+def export_safetensors(
+    module: nn.Module, path: str | os.PathLike[str], metadata: dict[str, str] | None = None
+) -> Path:
     """Write ``module``'s state dict as a safetensors file (shared tensors de-duplicated), atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

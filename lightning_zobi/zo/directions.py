@@ -75,7 +75,9 @@ class _GeneratorPool:
         return gen
 
 
-def seeded_randn(shape: torch.Size | tuple[int, ...], seed: int, like: Tensor, pool: _GeneratorPool) -> Tensor:
+def seeded_randn(
+    shape: torch.Size | tuple[int, ...], seed: int, like: Tensor, pool: _GeneratorPool
+) -> Tensor:
     """A standard normal tensor shaped ``shape`` on ``like``'s device and dtype, from ``seed``."""
     gen = pool.get(like.device, seed)
     return torch.randn(shape, generator=gen, device=like.device, dtype=like.dtype)

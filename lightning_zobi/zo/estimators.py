@@ -64,11 +64,17 @@ def evaluate(closure: Closure) -> float:
         return float(loss.detach())
     if isinstance(loss, (int, float)):
         return float(loss)
-    raise TypeError(f"The closure returned {type(loss).__name__}; a ZO step needs a scalar loss (Tensor or float).")
+    raise TypeError(
+        f"The closure returned {type(loss).__name__}; a ZO step needs a scalar loss (Tensor or float)."
+    )
 
 
 def central_difference(
-    params: Sequence[Tensor], closure: Closure, directions: Directions, keys: Sequence[DirectionKey], eps: float
+    params: Sequence[Tensor],
+    closure: Closure,
+    directions: Directions,
+    keys: Sequence[DirectionKey],
+    eps: float,
 ) -> Estimate:
     """``g_k = (L(θ+εz_k) − L(θ−εz_k)) / 2ε`` for each key; leaves ``θ − εz_last`` applied."""
     grads, losses, mids = [], [], []
@@ -93,7 +99,11 @@ def central_difference(
 
 
 def forward_difference(
-    params: Sequence[Tensor], closure: Closure, directions: Directions, keys: Sequence[DirectionKey], eps: float
+    params: Sequence[Tensor],
+    closure: Closure,
+    directions: Directions,
+    keys: Sequence[DirectionKey],
+    eps: float,
 ) -> Estimate:
     """``g_k = (L(θ+εz_k) − L(θ)) / ε``: ``q + 1`` forwards for ``q`` queries; leaves ``θ + εz_last``."""
     base = evaluate(closure)

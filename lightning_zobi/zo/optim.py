@@ -92,13 +92,19 @@ class ZOOptimizer(Optimizer):
         max_nonfinite: int = 5,
     ) -> None:
         if not isinstance(lr, (int, float)) or lr < 0:
-            raise ValueError(f"lr={lr!r} is invalid: a ZO learning rate must be a float >= 0 (MeZO uses 1e-7..1e-6).")
+            raise ValueError(
+                f"lr={lr!r} is invalid: a ZO learning rate must be a float >= 0 (MeZO uses 1e-7..1e-6)."
+            )
         if not isinstance(eps, (int, float)) or not eps > 0 or not math.isfinite(eps):
-            raise ValueError(f"eps={eps!r} is invalid: the perturbation scale must be a finite float > 0 (e.g. 1e-3).")
+            raise ValueError(
+                f"eps={eps!r} is invalid: the perturbation scale must be a finite float > 0 (e.g. 1e-3)."
+            )
         if weight_decay < 0:
             raise ValueError(f"weight_decay={weight_decay!r} is invalid: use a value >= 0.")
         if not isinstance(queries, int) or queries < 1:
-            raise ValueError(f"queries={queries!r} is invalid: use an integer >= 1 (directions averaged per step).")
+            raise ValueError(
+                f"queries={queries!r} is invalid: use an integer >= 1 (directions averaged per step)."
+            )
         if difference not in ESTIMATORS:
             raise ValueError(f"difference={difference!r} is invalid: choose one of {sorted(ESTIMATORS)}.")
         if max_nonfinite < 1:
@@ -258,7 +264,9 @@ OPTIMIZERS: dict[str, type[ZOOptimizer]] = {
 """Rule names accepted by ``ZeroOrder(optimizer=...)`` and recipes."""
 
 
-def build_optimizer(name: str, params: Iterable[Any], *, fused: bool | None = None, **kwargs: Any) -> ZOOptimizer:
+def build_optimizer(
+    name: str, params: Iterable[Any], *, fused: bool | None = None, **kwargs: Any
+) -> ZOOptimizer:
     """Instantiate the rule registered as ``name`` with a clear error for unknown names.
 
     ``fused``: ``None`` picks the fused Triton path (``zo/fused.py``) for ``zo_sgd`` when every
@@ -267,13 +275,14 @@ def build_optimizer(name: str, params: Iterable[Any], *, fused: bool | None = No
     try:
         cls = OPTIMIZERS[name]
     except KeyError:
-        raise ValueError(f"optimizer={name!r} is not a known ZO rule; choose one of {sorted(OPTIMIZERS)}.") from None
+        raise ValueError(
+            f"optimizer={name!r} is not a known ZO rule; choose one of {sorted(OPTIMIZERS)}."
+        ) from None
     if fused is not False:
         from lightning_zobi.zo.fused import select_optimizer  # lazy: Triton is imported only when asked
 
         cls, params = select_optimizer(cls, params, fused)
     return cls(params, **kwargs)
-
 
 
 # ====================================================================== the rule family

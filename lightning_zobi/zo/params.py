@@ -38,7 +38,9 @@ def select_parameters(
         picked = [(n, p) for n, p in named if pattern.search(n)]
     if not picked:
         sample = ", ".join(n for n, _ in named[:6]) or "<none>"
-        why = "no parameter requires grad: unfreeze some or add a LoRA adapter. " if spec == "trainable" else ""
+        why = (
+            "no parameter requires grad: unfreeze some or add a LoRA adapter. " if spec == "trainable" else ""
+        )
         raise ValueError(
             f"{argument}={spec!r} selects no parameter of {type(module).__name__} (first names: {sample}). {why}"
             "Use 'trainable', 'lora' (needs a peft adapter), 'base', 'all' or a regex that matches these names."

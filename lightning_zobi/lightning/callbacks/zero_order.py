@@ -88,7 +88,9 @@ class ZeroOrder(Callback):
         optimizer_kwargs: dict[str, Any] | None = None,
     ) -> None:
         if optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer={optimizer!r} is not a known ZO rule; choose one of {sorted(OPTIMIZERS)}.")
+            raise ValueError(
+                f"optimizer={optimizer!r} is not a known ZO rule; choose one of {sorted(OPTIMIZERS)}."
+            )
         if lr is not None and not lr >= 0:
             raise ValueError(f"lr={lr!r} is invalid: use a learning rate >= 0, or None to keep the module's.")
         if not eps > 0:
@@ -155,7 +157,9 @@ class ZeroOrder(Callback):
         )
         if self.lr is not None:
             for group in zo.param_groups:
-                group["lr"] = self.lr * group["lr"] / group.get("initial_lr", group["lr"]) if group["lr"] else 0.0
+                group["lr"] = (
+                    self.lr * group["lr"] / group.get("initial_lr", group["lr"]) if group["lr"] else 0.0
+                )
                 group["initial_lr"] = self.lr
         zo.no_grad_params = list(pl_module.parameters())
         _track_step_calls(zo)
@@ -217,7 +221,9 @@ class ZeroOrder(Callback):
             suffix = f"_{i}" if len(self.zo_optimizers) > 1 else ""
             g = sum(abs(v) for v in estimate.projected_grads) / len(estimate.projected_grads)
             pl_module.log(f"zo/projected_grad{suffix}", g, on_step=True, on_epoch=False)
-            pl_module.log(f"zo/nonfinite_skips{suffix}", float(zo.nonfinite_total), on_step=True, on_epoch=False)
+            pl_module.log(
+                f"zo/nonfinite_skips{suffix}", float(zo.nonfinite_total), on_step=True, on_epoch=False
+            )
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         trainer.fit_loop._skip_backward = False

@@ -55,7 +55,9 @@ def build_causal_lm(model: str | dict[str, Any], dtype: str | None = None, seed:
         fields = dict(model)
         model_type = fields.pop("model_type", None)
         if model_type is None:
-            raise ValueError(f"model={model!r} is a config dict without 'model_type' (e.g. 'llama' or 'opt').")
+            raise ValueError(
+                f"model={model!r} is a config dict without 'model_type' (e.g. 'llama' or 'opt')."
+            )
         config = AutoConfig.for_model(model_type, **fields)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -68,7 +70,9 @@ def build_causal_lm(model: str | dict[str, Any], dtype: str | None = None, seed:
     return AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype)
 
 
-def add_lora(model: nn.Module, r: int, alpha: int, dropout: float, target_modules: list[str] | None) -> nn.Module:
+def add_lora(
+    model: nn.Module, r: int, alpha: int, dropout: float, target_modules: list[str] | None
+) -> nn.Module:
     """Wrap ``model`` in a peft LoRA adapter; only the adapter's parameters then require grad."""
     from peft import LoraConfig, get_peft_model
 
