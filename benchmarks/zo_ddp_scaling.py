@@ -61,6 +61,20 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------- launcher
+def _worker_args(argv: list[str]) -> list[str]:
+    """The arguments the workers get: all but ``--worker`` and ``--nproc N`` (torchrun reads ``--nproc``
+    after the script path as an ambiguous abbreviation of its own ``--nproc-per-node``)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif a != "--worker" and not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
 def launch(args: argparse.Namespace) -> None:
     nproc = args.nproc or (min(2, torch.cuda.device_count()) if torch.cuda.is_available() else 2)
     root = Path(__file__).resolve().parents[1]
@@ -74,7 +88,7 @@ def launch(args: argparse.Namespace) -> None:
         f"--nproc_per_node={nproc}",
         __file__,
         "--worker",
-        *[a for a in sys.argv[1:] if a != "--worker"],
+        *_worker_args(sys.argv[1:]),
     ]
     subprocess.run(cmd, env=env, check=True)
     result = json.loads(args.out.read_text())
