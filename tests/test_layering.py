@@ -14,7 +14,7 @@ import importlib, sys, types
 class BlockLightning:
     def find_spec(self, name, path=None, target=None):
         if name == "lightning" or name.startswith(("lightning.", "pytorch_lightning")):
-            raise ImportError(f"the core imported {name}")
+            raise ImportError(f"the core imported {{name}}")
 
 sys.meta_path.insert(0, BlockLightning())
 package = types.ModuleType("lightning_zobi")  # skip the top-level __init__, which loads the Lightning layer
