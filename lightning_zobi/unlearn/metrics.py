@@ -226,6 +226,23 @@ def truth_ratio(true_logp: Tensor, true_n: Tensor, pert_logp: Tensor, pert_n: Te
 
 
 # ---------------------------------------------------------------------------- scoring a model
+def truth_ratio_logprobs(model: nn.Module, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Answer log-likelihood sums and token counts for the truth ratio of an evaluation batch.
+
+    Returns ``(true_logp, true_n)`` of the paraphrased true answers, shaped ``(B,)``, and
+    ``(pert_logp, pert_n)`` of the ``k`` perturbed (wrong) answers, shaped ``(B, k)``.
+    """
+    true_logits = model(input_ids=batch["true_input_ids"], attention_mask=batch["true_attention_mask"]).logits
+    true_logp, true_n = answer_logprobs(true_logits, batch["true_labels"])
+    b, k, t = batch["pert_input_ids"].shape
+    pert_logits = model(
+        input_ids=batch["pert_input_ids"].reshape(b * k, t),
+        attention_mask=batch["pert_attention_mask"].reshape(b * k, t),
+    ).logits
+    pert_logp, pert_n = answer_logprobs(pert_logits, batch["pert_labels"].reshape(b * k, t))
+    return true_logp, true_n, pert_logp.reshape(b, k), pert_n.reshape(b, k)
+
+
 @torch.no_grad()
 def score_batch(
     model: nn.Module, batch: Mapping[str, Any], tokenizer: Any, max_new_tokens: int = 32
@@ -241,16 +258,7 @@ def score_batch(
     try:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         logp, n = answer_logprobs(logits, batch["labels"])
-        true_logits = model(
-            input_ids=batch["true_input_ids"], attention_mask=batch["true_attention_mask"]
-        ).logits
-        true_logp, true_n = answer_logprobs(true_logits, batch["true_labels"])
-        b, k, t = batch["pert_input_ids"].shape
-        pert_logits = model(
-            input_ids=batch["pert_input_ids"].reshape(b * k, t),
-            attention_mask=batch["pert_attention_mask"].reshape(b * k, t),
-        ).logits
-        pert_logp, pert_n = answer_logprobs(pert_logits, batch["pert_labels"].reshape(b * k, t))
+        true_logp, true_n, pert_logp, pert_n = truth_ratio_logprobs(model, batch)
         generations = generate_answers(
             model, batch["prompt_ids"], batch["prompt_mask"], tokenizer, max_new_tokens
         )
@@ -269,8 +277,8 @@ def score_batch(
         "nll": -logp / n.clamp_min(1),
         "true_logp": true_logp,
         "true_n": true_n,
-        "pert_logp": pert_logp.reshape(b, k),
-        "pert_n": pert_n.reshape(b, k),
+        "pert_logp": pert_logp,
+        "pert_n": pert_n,
         "generations": generations,
         "answers": answers,
         "rouge": rouge.to(logp.device),

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from lightning_zobi.lightning.datamodules.facts import load_tokenizer
 from lightning_zobi.lightning.modules.causal_lm import CausalLMModule, add_lora, build_causal_lm
-from lightning_zobi.unlearn.llm import METHODS, UnlearningObjective, answer_logprobs, load_weights
+from lightning_zobi.unlearn.llm import METHODS, UnlearningObjective, load_weights
 from lightning_zobi.unlearn.metrics import UnlearningEvaluator, score_batch
 
 _DEFAULT_BETA = {"npo": 0.1, "simnpo": 2.5}
@@ -202,20 +202,10 @@ class UnlearningModule(CausalLMModule):
             self._retain_ratios.append(self._reference_truth_ratios(batch))
 
     def _reference_truth_ratios(self, batch: Mapping[str, Any]) -> Tensor:
-        from lightning_zobi.unlearn.metrics import truth_ratio
+        from lightning_zobi.unlearn.metrics import truth_ratio, truth_ratio_logprobs
 
         with self._retain_model() as retain_model, torch.no_grad():
-            logits = retain_model(
-                input_ids=batch["true_input_ids"], attention_mask=batch["true_attention_mask"]
-            ).logits
-            true_logp, true_n = answer_logprobs(logits, batch["true_labels"])
-            b, k, t = batch["pert_input_ids"].shape
-            logits = retain_model(
-                input_ids=batch["pert_input_ids"].reshape(b * k, t),
-                attention_mask=batch["pert_attention_mask"].reshape(b * k, t),
-            ).logits
-            pert_logp, pert_n = answer_logprobs(logits, batch["pert_labels"].reshape(b * k, t))
-        return truth_ratio(true_logp, true_n, pert_logp.reshape(b, k), pert_n.reshape(b, k)).cpu()
+            return truth_ratio(*truth_ratio_logprobs(retain_model, batch)).cpu()
 
     @contextmanager
     def _retain_model(self) -> Iterator[nn.Module]:
