@@ -16,6 +16,7 @@ from lightning_zobi.cli import main  # noqa: E402
 from lightning_zobi.lightning.callbacks.qzo import QZO  # noqa: E402
 from lightning_zobi.lightning.datamodules.facts import FactsDataModule  # noqa: E402
 from lightning_zobi.lightning.modules.quantized import (  # noqa: E402
+    TINY_UNET,
     QuantizedCausalLMModule,
     QuantizedDenoiserModule,
 )
@@ -38,18 +39,8 @@ SMALL_LLAMA = dict(
     bos_token_id=1,
 )
 
-SMALL_UNET = dict(
-    sample_size=8,
-    in_channels=1,
-    out_channels=1,
-    block_out_channels=(16, 32),
-    layers_per_block=1,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=16,
-    attention_head_dim=8,
-    norm_num_groups=8,
-)
+SMALL_UNET = {**TINY_UNET, "sample_size": 8, "block_out_channels": (16, 32), "cross_attention_dim": 16}
+"""The module's tiny denoiser at half the width (8×8 digits), for fast tests."""
 
 
 def snapshot(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
