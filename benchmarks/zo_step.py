@@ -9,7 +9,7 @@ synchronised around every step, median reported), with the peak allocated memory
   of the floor ``2·forward + 2·pass``;
 * ``kernel1`` / ``kernel2``: one fused-kernel pass adding one / two Philox directions (``_r7``:
   7 Philox rounds; ``_exact``: libdevice's exact log/sqrt/sin/cos instead of the approximations;
-  ``_w4``: 4 warps per program instead of 8);
+  ``_w4``: 4 warps per program instead of 8; ``_wide``: Philox products by one 32×32→64 multiply);
 * ``zo_torch``: :class:`~lightning_zobi.zo.optim.ZOSGD` on the torch path (3 passes, ``torch.randn``);
 * ``zo_fused3``: :class:`~lightning_zobi.zo.fused.FusedZOSGD`, no look-ahead (3 fused passes);
 * ``zo_fused``: ``FusedZOSGD`` with the model guarded, so the next ``+εz`` is folded (2 passes);
@@ -65,14 +65,17 @@ SHAPES: dict[str, dict[str, Any]] = {
         batch=(2, 16),
     ),
 }
-KERNELS = {  # name: (directions per pass, Philox rounds, fast math, warps per program)
-    "kernel1": (1, 10, True, 8),
-    "kernel2": (2, 10, True, 8),
-    "kernel1_r7": (1, 7, True, 8),
-    "kernel2_r7": (2, 7, True, 8),
-    "kernel1_exact": (1, 10, False, 8),
-    "kernel1_w4": (1, 10, True, 4),
-    "kernel2_w4": (2, 10, True, 4),
+KERNELS = {  # name: (directions per pass, Philox rounds, fast math, warps per program, wide multiply)
+    "kernel1": (1, 10, True, 8, False),
+    "kernel2": (2, 10, True, 8, False),
+    "kernel1_r7": (1, 7, True, 8, False),
+    "kernel2_r7": (2, 7, True, 8, False),
+    "kernel1_exact": (1, 10, False, 8, False),
+    "kernel1_w4": (1, 10, True, 4, False),
+    "kernel2_w4": (2, 10, True, 4, False),
+    "kernel1_wide": (1, 10, True, 8, True),
+    "kernel2_wide": (2, 10, True, 8, True),
+    "kernel2_r7_wide": (2, 7, True, 8, True),
 }
 FUSED_STEPS = {  # name: (lookahead, Philox rounds)
     "zo_fused3": (False, 10),
@@ -192,14 +195,15 @@ class _Bench:
         if name in KERNELS:
             from lightning_zobi.zo import fused
 
-            n_dirs, rounds, fast, warps = KERNELS[name]
+            n_dirs, rounds, fast, warps, wide = KERNELS[name]
             dirs = FusedGaussianDirections(rounds=rounds, fast_math=fast)
             terms = [(DirectionKey(0, k, 0), 0.0) for k in range(n_dirs)]
-            default_warps, fused.NUM_WARPS = fused.NUM_WARPS, warps
+            defaults = fused.NUM_WARPS, fused.WIDE_MUL
+            fused.NUM_WARPS, fused.WIDE_MUL = warps, wide
             try:
                 return _time(lambda: dirs.apply_(params, terms), dev, warmup, steps)
             finally:
-                fused.NUM_WARPS = default_warps
+                fused.NUM_WARPS, fused.WIDE_MUL = defaults
         if name == "mezo":
             mezo = MeZOStyle(self.model, LR, EPS)
             return _time(lambda: mezo.step(self.closure), dev, warmup, steps)

@@ -52,6 +52,7 @@ from lightning_zobi.zo.optim import ZOSGD, ZOOptimizer, _reject_directions
 try:  # Triton is optional: the torch path needs none of it.
     import triton
     import triton.language as tl
+    from triton.runtime.jit import JITFunction
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - exercised on machines without triton
@@ -64,6 +65,8 @@ SUB = 1024
 BLOCK = 4 * SUB
 NUM_WARPS = 8
 """Warps per program (a speed knob only: values do not depend on it)."""
+WIDE_MUL = False
+"""Philox products through one 32×32→64 multiply (a speed knob only: same values)."""
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _MASK32 = 0xFFFFFFFF
 _MASK64 = (1 << 64) - 1
@@ -73,6 +76,84 @@ _FAST_OK = True
 
 
 # ---------------------------------------------------------------------------------------- kernel
+if HAS_TRITON:
+
+    class _DeviceFunction(JITFunction):
+        """A ``@triton.jit`` device function that Triton's CPU interpreter can call too.
+
+        Compiled kernels inline it as any ``JITFunction``; an interpreted kernel calls it as a
+        Python function (``JITFunction.__call__`` refuses that), so one source serves both.
+        """
+
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            from triton.runtime.interpreter import InterpretedFunction
+
+            return InterpretedFunction(self.fn)(*args, **kwargs)
+
+
+def _philox_normals_src(c0, c1, k0, k1, ROUNDS: tl.constexpr, FAST: tl.constexpr, WIDE: tl.constexpr):
+    """Four float32 standard normals per counter ``(c0, c1, 0, 0)`` under key ``(k0, k1)``.
+
+    Philox-4x32-``ROUNDS`` (Salmon et al. 2011) then Box-Muller on 24-bit uniforms strictly inside
+    (0, 1). ``WIDE`` computes each round's high and low product words with one 32×32→64 multiply
+    instead of ``umulhi`` + a low multiply (same values; a speed knob). ``FAST``: the GPU's
+    ``lg2/sqrt/sin/cos.approx`` (CUDA only) instead of libdevice's exact functions.
+    """
+    r0 = c0
+    r1 = c1
+    r2 = c0 * 0
+    r3 = c0 * 0
+    for _ in tl.static_range(ROUNDS):  # Philox-4x32 round
+        p0 = r0
+        p2 = r2
+        if WIDE:
+            w2 = p2.to(tl.uint64) * 0xCD9E8D57
+            w0 = p0.to(tl.uint64) * 0xD2511F53
+            r0 = (w2 >> 32).to(tl.uint32) ^ r1 ^ k0
+            r2 = (w0 >> 32).to(tl.uint32) ^ r3 ^ k1
+            r1 = w2.to(tl.uint32)
+            r3 = w0.to(tl.uint32)
+        else:
+            r0 = tl.umulhi(p2, 0xCD9E8D57) ^ r1 ^ k0
+            r2 = tl.umulhi(p0, 0xD2511F53) ^ r3 ^ k1
+            r1 = p2 * 0xCD9E8D57
+            r3 = p0 * 0xD2511F53
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    # 24-bit uniforms strictly inside (0, 1), then Box-Muller: 4 words -> 4 normals
+    u0 = ((r0 >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08
+    u1 = ((r1 >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08
+    u2 = ((r2 >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08
+    u3 = ((r3 >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08
+    th_a = 6.283185307179586 * (u1 - 0.5)  # angle in [-π, π): the approximations' accurate range
+    th_b = 6.283185307179586 * (u3 - 0.5)
+    if FAST:  # MUFU approximations (CUDA only): lg2, sqrt, sin, cos at ~2^-21 error, 4 per 2 normals
+        lg_a = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [u0], tl.float32, True, 1)
+        lg_b = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [u2], tl.float32, True, 1)
+        rad_a = tl.inline_asm_elementwise(
+            "sqrt.approx.ftz.f32 $0, $1;", "=f,f", [-1.3862943611198906 * lg_a], tl.float32, True, 1
+        )
+        rad_b = tl.inline_asm_elementwise(
+            "sqrt.approx.ftz.f32 $0, $1;", "=f,f", [-1.3862943611198906 * lg_b], tl.float32, True, 1
+        )
+        cos_a = tl.inline_asm_elementwise("cos.approx.ftz.f32 $0, $1;", "=f,f", [th_a], tl.float32, True, 1)
+        sin_a = tl.inline_asm_elementwise("sin.approx.ftz.f32 $0, $1;", "=f,f", [th_a], tl.float32, True, 1)
+        cos_b = tl.inline_asm_elementwise("cos.approx.ftz.f32 $0, $1;", "=f,f", [th_b], tl.float32, True, 1)
+        sin_b = tl.inline_asm_elementwise("sin.approx.ftz.f32 $0, $1;", "=f,f", [th_b], tl.float32, True, 1)
+    else:
+        rad_a = tl.sqrt(-2.0 * tl.log(u0))
+        rad_b = tl.sqrt(-2.0 * tl.log(u2))
+        cos_a = tl.cos(th_a)
+        sin_a = tl.sin(th_a)
+        cos_b = tl.cos(th_b)
+        sin_b = tl.sin(th_b)
+    return rad_a * cos_a, rad_a * sin_a, rad_b * cos_b, rad_b * sin_b
+
+
+philox_normals = _DeviceFunction(_philox_normals_src) if HAS_TRITON else None
+"""The device function kernels call (``philox_normals(c0, c1, k0, k1, ROUNDS, FAST, WIDE)``)."""
+
+
 def _zo_axpby_src(
     x0_ptr,
     block_tensor_ptr,
@@ -85,6 +166,7 @@ def _zo_axpby_src(
     ALIGNED: tl.constexpr,
     RNE_BF16: tl.constexpr,
     FAST: tl.constexpr,
+    WIDE: tl.constexpr,
     ROUNDS: tl.constexpr,
     SUB: tl.constexpr,
 ):
@@ -113,62 +195,15 @@ def _zo_axpby_src(
         k0 = tl.load(scal_ptr + t * 7 + 2 * s).to(tl.uint32)
         k1 = tl.load(scal_ptr + t * 7 + 2 * s + 1).to(tl.uint32)
         alpha = tl.load(scal_ptr + t * 7 + 4 + s).to(tl.float64, bitcast=True)
-        r0 = c0
-        r1 = c1
-        r2 = c0 * 0
-        r3 = c0 * 0
-        for _ in tl.static_range(ROUNDS):  # Philox-4x32 round (Salmon et al. 2011)
-            p0 = r0
-            p2 = r2
-            r0 = tl.umulhi(p2, 0xCD9E8D57) ^ r1 ^ k0
-            r2 = tl.umulhi(p0, 0xD2511F53) ^ r3 ^ k1
-            r1 = p2 * 0xCD9E8D57
-            r3 = p0 * 0xD2511F53
-            k0 = k0 + 0x9E3779B9
-            k1 = k1 + 0xBB67AE85
-        # 24-bit uniforms strictly inside (0, 1), then Box-Muller: 4 words -> 4 normals
-        u0 = ((r0 >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08
-        u1 = ((r1 >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08
-        u2 = ((r2 >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08
-        u3 = ((r3 >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08
-        th_a = 6.283185307179586 * (u1 - 0.5)  # angle in [-π, π): the approximations' accurate range
-        th_b = 6.283185307179586 * (u3 - 0.5)
-        if FAST:  # MUFU approximations (CUDA only): lg2, sqrt, sin, cos at ~2^-21 error, 4 per 2 normals
-            lg_a = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [u0], tl.float32, True, 1)
-            lg_b = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [u2], tl.float32, True, 1)
-            rad_a = tl.inline_asm_elementwise(
-                "sqrt.approx.ftz.f32 $0, $1;", "=f,f", [-1.3862943611198906 * lg_a], tl.float32, True, 1
-            )
-            rad_b = tl.inline_asm_elementwise(
-                "sqrt.approx.ftz.f32 $0, $1;", "=f,f", [-1.3862943611198906 * lg_b], tl.float32, True, 1
-            )
-            cos_a = tl.inline_asm_elementwise(
-                "cos.approx.ftz.f32 $0, $1;", "=f,f", [th_a], tl.float32, True, 1
-            )
-            sin_a = tl.inline_asm_elementwise(
-                "sin.approx.ftz.f32 $0, $1;", "=f,f", [th_a], tl.float32, True, 1
-            )
-            cos_b = tl.inline_asm_elementwise(
-                "cos.approx.ftz.f32 $0, $1;", "=f,f", [th_b], tl.float32, True, 1
-            )
-            sin_b = tl.inline_asm_elementwise(
-                "sin.approx.ftz.f32 $0, $1;", "=f,f", [th_b], tl.float32, True, 1
-            )
-        else:
-            rad_a = tl.sqrt(-2.0 * tl.log(u0))
-            rad_b = tl.sqrt(-2.0 * tl.log(u2))
-            cos_a = tl.cos(th_a)
-            sin_a = tl.sin(th_a)
-            cos_b = tl.cos(th_b)
-            sin_b = tl.sin(th_b)
+        z0, z1, z2, z3 = philox_normals(c0, c1, k0, k1, ROUNDS, FAST, WIDE)
         if F64:
             a = alpha
         else:
             a = alpha.to(tl.float32)
-        acc0 = acc0 + a * (rad_a * cos_a).to(CDT)
-        acc1 = acc1 + a * (rad_a * sin_a).to(CDT)
-        acc2 = acc2 + a * (rad_b * cos_b).to(CDT)
-        acc3 = acc3 + a * (rad_b * sin_b).to(CDT)
+        acc0 = acc0 + a * z0.to(CDT)
+        acc1 = acc1 + a * z1.to(CDT)
+        acc2 = acc2 + a * z2.to(CDT)
+        acc3 = acc3 + a * z3.to(CDT)
     beta = tl.load(scal_ptr + t * 7 + 6).to(tl.float64, bitcast=True)
     if not F64:
         beta = beta.to(tl.float32)
@@ -334,7 +369,8 @@ def _launch(
     load_x: bool,
     rounds: int,
     fast: bool = True,
-) -> None:
+) -> Any:
+    """Launch the kernel over ``group`` (per-tensor seeds and coefficients); returns Triton's launch result."""
     n = len(seeds_a)
     scal = np.zeros((n, 7), dtype=np.int64)
     scal[:, 0] = (seeds_a & np.uint64(_MASK32)).astype(np.int64)
@@ -356,7 +392,7 @@ def _launch(
     fast = fast and _FAST_OK and group.device.type == "cuda"
     while True:  # at most three tries: each failure drops one option or re-raises
         try:
-            kernel[(group.num_blocks,)](
+            return kernel[(group.num_blocks,)](
                 group.x0,
                 group.block_tensor,
                 group.meta,
@@ -368,11 +404,11 @@ def _launch(
                 ALIGNED=aligned,
                 RNE_BF16=group.dtype == torch.bfloat16 and group.device.type != "cuda",
                 FAST=fast,
+                WIDE=WIDE_MUL,
                 ROUNDS=rounds,
                 SUB=SUB,
                 num_warps=NUM_WARPS,
             )
-            return
         except Exception as err:  # a Triton rejecting the hints or the inline PTX: drop them, once each
             if fast:
                 warnings.warn(f"fused ZO kernel: fast math failed ({err!r}); using exact math.", stacklevel=2)
