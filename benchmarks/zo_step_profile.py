@@ -68,7 +68,10 @@ def gaps_of(trace: dict[str, Any], min_gap_us: float) -> dict[str, Any]:
         "busy_us": busy,
         "idle_us": idle,
         "gaps": sorted(
-            ({"between": k, "count": len(v), "total_us": sum(v), "max_us": max(v)} for k, v in groups.items()),
+            (
+                {"between": k, "count": len(v), "total_us": sum(v), "max_us": max(v)}
+                for k, v in groups.items()
+            ),
             key=lambda g: -g["total_us"],
         )[:15],
         "kernel_time_us": dict(top),
@@ -146,10 +149,12 @@ def sass_mix(device: torch.device) -> dict[str, Any]:
                 sass = ""
                 out[f"error_{nstream}_{wide}"] = repr(err)[:200]
             ops = collections.Counter(
-                m.group(1) for m in re.finditer(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", sass, re.M)
+                m.group(1)
+                for m in re.finditer(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", sass, re.M)
             )
             ptx_ops = collections.Counter(
-                m.group(1) for m in re.finditer(r"^\s+(?:@%p\d+\s+)?([a-z][a-z0-9_.]+)", compiled.asm["ptx"], re.M)
+                m.group(1)
+                for m in re.finditer(r"^\s+(?:@%p\d+\s+)?([a-z][a-z0-9_.]+)", compiled.asm["ptx"], re.M)
             )
             out[f"dirs{nstream}_{'wide' if wide else 'narrow'}"] = {
                 "sass": dict(ops.most_common(25)),
@@ -166,7 +171,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--min-gap-us", type=float, default=20.0)
     parser.add_argument("--sass", action="store_true", help="also count the fused kernel's SASS opcodes")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "zo_step_profile.json")
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).parent / "results" / "zo_step_profile.json"
+    )
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -178,14 +185,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["sass"] = sass_mix(device)
     bench = _Bench(args.shape, device)
     for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
-        results["variants"][name] = r = profile_variant(bench, name, args.steps, args.out.parent, args.min_gap_us)
+        results["variants"][name] = r = profile_variant(
+            bench, name, args.steps, args.out.parent, args.min_gap_us
+        )
         print(
-            f"{name}: wall {['%.1f' % w for w in r['wall_ms']]} ms; per step busy {r.get('busy_ms_per_step', 0):.2f} "
+            f"{name}: wall {[f'{w:.1f}' for w in r['wall_ms']]} ms; per step busy {r.get('busy_ms_per_step', 0):.2f} "
             f"idle {r.get('idle_ms_per_step', 0):.2f} ms",
             flush=True,
         )
         for g in r.get("gaps", [])[:8]:
-            print(f"   gap {g['total_us'] / args.steps:8.1f} us/step  x{g['count'] / args.steps:.1f}  {g['between']}")
+            print(
+                f"   gap {g['total_us'] / args.steps:8.1f} us/step  x{g['count'] / args.steps:.1f}  {g['between']}"
+            )
     args.out.write_text(json.dumps(results, indent=1))
     print(f"wrote {args.out}")
     return results
