@@ -50,18 +50,18 @@ def test_moments_and_independence(device, rounds):
     assert abs(m) < 5 / math.sqrt(n)
     assert abs(v - 1) < 5 * math.sqrt(2 / n)
     assert abs(kurt - 3) < 5 * math.sqrt(24 / n)
-    assert z.abs().max() < 6.0  # Box-Muller on 24-bit uniforms: |z| ≤ 5.9
+    assert z.abs().max() <= 4.85  # Box-Muller on 16-bit uniforms: |z| ≤ sqrt(2·ln(2^17))
     other_index = dirs.sample(torch.empty(n, device=device), 1, key).double().cpu()
     other_key = dirs.sample(torch.empty(n, device=device), 0, DirectionKey(3, 8, 0)).double().cpu()
-    words = z.view(-1, 4, 1024)  # the 4 normals of one Philox call sit 1024 elements apart
+    words = z.view(-1, 8, 512)  # the 8 normals of one Philox call sit 512 elements apart
 
     def corr(a, b):
         return float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])
 
-    bound = 5 / math.sqrt(n / 4)
+    bound = 5 / math.sqrt(n / 8)
     for a, b in [(z, other_index), (z, other_key), (z[:-1], z[1:])]:
         assert abs(corr(a, b)) < bound
-    for a, b in [(0, 1), (0, 2), (1, 3), (2, 3)]:
+    for a, b in [(0, 1), (0, 2), (1, 3), (2, 3), (0, 4), (2, 6), (4, 5), (6, 7), (1, 7)]:
         assert abs(corr(words[:, a], words[:, b])) < bound
         # Box-Muller pairs are uncorrelated but share a radius: check squares too
         assert abs(corr(words[:, a] ** 2, words[:, b] ** 2)) < bound
