@@ -755,13 +755,11 @@ class FusedZOSGD(ZOSGD):
 
     def _update(self, estimate: Estimate) -> None:
         """Restore, decay, update (and fold the next ``+εz``) in ``ceil(terms / 2)`` passes."""
-        params, lrs, decays = [], [], []
-        for _, p, group in self._indexed():
-            params.append(p)
-            lrs.append(group["lr"])
-            decays.append(group["lr"] * group["weight_decay"])
-        lr = np.asarray(lrs, dtype=np.float64)
-        beta = 1.0 - np.asarray(decays, dtype=np.float64)
+        params = self._params()
+        sizes = [len(group["params"]) for group in self.param_groups]
+        lr = np.repeat(np.asarray([group["lr"] for group in self.param_groups], dtype=np.float64), sizes)
+        wd = np.repeat(np.asarray([group["weight_decay"] for group in self.param_groups], dtype=np.float64), sizes)
+        beta = 1.0 - lr * wd
         q = len(estimate.keys)
         coeff: dict[DirectionKey, np.ndarray] = {}
         if estimate.pending is not None:
