@@ -10,9 +10,11 @@ bnb = pytest.importorskip("bitsandbytes")
 
 from lightning_zobi.quant import (  # noqa: E402
     QZOOptimizer,
+    QZORule,
     find_quant_scales,
     keep_cpu_layout_,
     quantize_linear_4bit_,
+    qzo_optimizer,
 )
 from lightning_zobi.zo import OPTIMIZERS, DirectionKey  # noqa: E402
 
@@ -49,12 +51,12 @@ def lm_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def qzo_losses(
-    model: nn.Module, scales, x: torch.Tensor, lr: float, eps: float = 1e-3
+    model: nn.Module, scales, x: torch.Tensor, lr: float, eps: float = 1e-3, fused: bool | None = False
 ) -> tuple[float, float]:
     """The loss on ``x`` before and after 15 QZO steps (seed 3) on ``scales``."""
     with torch.no_grad():
         loss0 = lm_loss(model, x).item()
-    opt = QZOOptimizer(scales, lr=lr, eps=eps, seed=3)
+    opt = qzo_optimizer(scales, lr=lr, eps=eps, seed=3, fused=fused)
     for _ in range(15):
         opt.step(lambda: lm_loss(model, x))
     with torch.no_grad():
@@ -285,14 +287,66 @@ def test_memory_benchmark_runs_tiny_on_cpu(tmp_path) -> None:
     assert qzo["quantized_layers"] == 14 and qzo["trainable_scales"] > 0
 
 
+def _fused_and_torch_qzo(**kw):
+    """A FusedQZOOptimizer and a torch-path QZOOptimizer drawing the same (fused) directions, on float64 scales."""
+    pytest.importorskip("triton")
+    from lightning_zobi.quant.qzo_fused import FusedQZOOptimizer
+    from lightning_zobi.zo.fused import FusedGaussianDirections
+
+    torch.manual_seed(0)
+    a = [torch.rand(n, dtype=torch.float64) * 0.1 for n in (300, 64, 4100)]
+    b = [t.clone() for t in a]
+    fused = FusedQZOOptimizer(a, seed=4, **kw)
+    plain = QZOOptimizer(b, seed=4, directions=FusedGaussianDirections(), **kw)
+    return fused, plain, a, b
+
+
+@pytest.mark.parametrize("nonnegative", [True, False])
+def test_fused_qzo_equals_the_torch_path_with_clipping_and_projection(nonnegative: bool) -> None:
+    """Same directions, same quadratic loss: clip, update and max(Δ, 0) match step for step."""
+    kw = dict(lr=0.3, eps=1e-3, clip=2.0, nonnegative=nonnegative)
+    fused, plain, a, b = _fused_and_torch_qzo(**kw)
+    target = [torch.full_like(t, -0.05) for t in a]  # pulls scales below 0: the projection binds
+
+    def closure(ts):
+        return lambda: sum(((t - c) ** 2).sum() for t, c in zip(ts, target, strict=True))
+
+    for _ in range(4):
+        fused.step(closure(a))
+        plain.step(closure(b))
+        assert not fused.perturbed  # never folds: scales are not module parameters
+    assert fused.clipped_total == plain.clipped_total > 0  # the bound C was hit
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+    lowest = min(float(t.min()) for t in a)
+    assert lowest == 0.0 if nonnegative else lowest < 0.0
+    assert fused.state_dict()["qzo"]["clipped_total"] == fused.clipped_total
+
+
+def test_qzo_optimizer_picks_the_path() -> None:
+    pytest.importorskip("triton")
+    from lightning_zobi.quant.qzo_fused import FusedQZOOptimizer
+
+    scales = [torch.rand(64)]
+    assert type(qzo_optimizer(scales, rounds=7)) is QZOOptimizer  # CPU: torch path, fused-only args dropped
+    opt = qzo_optimizer(scales, fused=True, rounds=7, clip=50.0)
+    assert type(opt) is FusedQZOOptimizer and isinstance(opt, QZORule)
+    assert opt.fused_directions.rounds == 7 and opt.clip == 50.0
+    with pytest.raises(ValueError, match="clip="):
+        qzo_optimizer(scales, fused=True, clip=-1.0)
+    with pytest.raises(TypeError, match="continuous scales"):
+        qzo_optimizer([torch.zeros(4, dtype=torch.uint8)], fused=False)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_qzo_on_cuda_double_quantized() -> None:
+@pytest.mark.parametrize("fused", [False, True])
+def test_qzo_on_cuda_double_quantized(fused: bool) -> None:
     model = tiny_lm().to("cuda")
     quantize_linear_4bit_(model, compress_statistics=True, compute_dtype=torch.float32)
     scales = find_quant_scales(model)
     assert all(s.is_cuda and s.dtype == torch.float32 for s in scales.tensors)
     fingerprint = scales.codes_fingerprint()
-    loss0, loss1 = qzo_losses(model, scales, batch().cuda(), lr=5e-2)
+    loss0, loss1 = qzo_losses(model, scales, batch().cuda(), lr=5e-2, fused=fused)
     assert loss1 < loss0 - 0.03
     assert scales.codes_fingerprint() == fingerprint

@@ -15,7 +15,7 @@ trains module parameters, while QZO must train the scales, which the ``QZO`` cal
 """
 
 from lightning_zobi.quant.convert import keep_cpu_layout_, load_4bit_state_, quantize_linear_4bit_
-from lightning_zobi.quant.qzo import DEFAULT_CLIP, QZOOptimizer
+from lightning_zobi.quant.qzo import DEFAULT_CLIP, QZOOptimizer, QZORule, qzo_optimizer
 from lightning_zobi.quant.scales import (
     SCALE_ADAPTERS,
     BitsAndBytes4bitAdapter,
@@ -31,6 +31,8 @@ __all__ = [
     "SCALE_ADAPTERS",
     "BitsAndBytes4bitAdapter",
     "QZOOptimizer",
+    "QZORule",
+    "qzo_optimizer",
     "QuantScales",
     "ScaleAdapter",
     "ScaleEntry",

@@ -39,7 +39,91 @@ DEFAULT_CLIP = 100.0
 """``C``: the middle of the paper's sweep (Fig. 3: 75..125, stable for C ≥ 75)."""
 
 
-class QZOOptimizer(ZOSGD):
+class QZORule:
+    """What QZO adds to a ZO-SGD optimizer: clipping of the projected gradients, counters, a bound check.
+
+    Mixed in before :class:`~lightning_zobi.zo.ZOSGD` (torch path) or
+    :class:`~lightning_zobi.zo.fused.FusedZOSGD` (fused CUDA path); the projection onto
+    ``Δ ≥ 0`` is each path's own (a clamp loop, or the fused kernel's last pass).
+    """
+
+    def __init__(
+        self,
+        params: QuantScales | Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-5,
+        eps: float = 1e-3,
+        weight_decay: float = 0.0,
+        *,
+        clip: float | None = DEFAULT_CLIP,
+        nonnegative: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        if clip is not None and (not isinstance(clip, (int, float)) or not clip > 0):
+            raise ValueError(
+                f"clip={clip!r} is invalid: the directional-derivative bound C must be a float > 0 "
+                f"(the paper's range is 75..125; default {DEFAULT_CLIP:g}), or None to disable clipping."
+            )
+        self.scales = params if isinstance(params, QuantScales) else None
+        tensors = params.tensors if isinstance(params, QuantScales) else params
+        super().__init__(tensors, lr=lr, eps=eps, weight_decay=weight_decay, **kwargs)  # type: ignore[call-arg]
+        for p in self._params():  # type: ignore[attr-defined]
+            if not p.is_floating_point():
+                raise TypeError(
+                    f"{type(self).__name__} got a {p.dtype} tensor of shape {tuple(p.shape)}: it trains continuous "
+                    "scales only. Pass find_quant_scales(model) (codes stay frozen), not the quantized weights."
+                )
+        self.clip = None if clip is None else float(clip)
+        self.nonnegative = nonnegative
+        self.clipped_total = 0
+        self.queries_total = 0
+        self.last_clipped = 0
+        self.last_raw_projected_grads: list[float] = []
+
+    @property
+    def clip_fraction(self) -> float:
+        """Share of projected gradients clipped so far (0 before the first step)."""
+        return self.clipped_total / self.queries_total if self.queries_total else 0.0
+
+    @torch.no_grad()
+    def step(self, closure: Closure | None = None) -> float:
+        if self.scales is not None:
+            self.scales.check_bound()
+        return super().step(closure)  # type: ignore[misc]
+
+    def _clip(self, estimate: Estimate) -> None:
+        """Clip each projected gradient to ``[-C, C]`` in place and count the clipped ones."""
+        raw = list(estimate.projected_grads)
+        self.last_raw_projected_grads = raw
+        if self.clip is not None:
+            c = self.clip
+            estimate.projected_grads = [min(c, max(-c, g)) for g in raw]
+            self.last_clipped = sum(1 for g in raw if abs(g) > c)
+        else:
+            self.last_clipped = 0
+        self.clipped_total += self.last_clipped
+        self.queries_total += len(raw)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The ZO core's state plus ``qzo``: C, the projection flag and the clip counters."""
+        state = super().state_dict()  # type: ignore[misc]
+        state["qzo"] = {
+            "clip": self.clip,
+            "nonnegative": self.nonnegative,
+            "clipped_total": self.clipped_total,
+            "queries_total": self.queries_total,
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        qzo = state_dict.pop("qzo", None)
+        super().load_state_dict(state_dict)  # type: ignore[misc]
+        if qzo is not None:
+            self.clipped_total = int(qzo["clipped_total"])
+            self.queries_total = int(qzo["queries_total"])
+
+
+class QZOOptimizer(QZORule, ZOSGD):
     """ZO-SGD over quantization scales with directional-derivative clipping (QZO, arXiv 2505.13430).
 
     Args:
@@ -63,6 +147,8 @@ class QZOOptimizer(ZOSGD):
 
     Memory: nothing beyond the scales themselves and one scale-sized temporary. Time: MeZO's
     three passes over the scales plus one for the projection (all 1/64 of the weights' size).
+    :class:`FusedQZOOptimizer` is the same rule on the fused CUDA path (:func:`qzo_optimizer`
+    picks it automatically on CUDA).
     """
 
     def __init__(
@@ -80,81 +166,47 @@ class QZOOptimizer(ZOSGD):
         directions: Directions | None = None,
         max_nonfinite: int = 5,
     ) -> None:
-        if clip is not None and (not isinstance(clip, (int, float)) or not clip > 0):
-            raise ValueError(
-                f"clip={clip!r} is invalid: the directional-derivative bound C must be a float > 0 "
-                f"(the paper's range is 75..125; default {DEFAULT_CLIP:g}), or None to disable clipping."
-            )
-        self.scales = params if isinstance(params, QuantScales) else None
-        tensors = params.tensors if isinstance(params, QuantScales) else params
         super().__init__(
-            tensors,
+            params,
             lr=lr,
             eps=eps,
             weight_decay=weight_decay,
+            clip=clip,
+            nonnegative=nonnegative,
             queries=queries,
             difference=difference,
             seed=seed,
             directions=directions,
             max_nonfinite=max_nonfinite,
         )
-        for p in self._params():
-            if not p.is_floating_point():
-                raise TypeError(
-                    f"QZOOptimizer got a {p.dtype} tensor of shape {tuple(p.shape)}: it trains continuous scales "
-                    "only. Pass find_quant_scales(model) (codes stay frozen), not the quantized weights."
-                )
-        self.clip = None if clip is None else float(clip)
-        self.nonnegative = nonnegative
-        self.clipped_total = 0
-        self.queries_total = 0
-        self.last_clipped = 0
-        self.last_raw_projected_grads: list[float] = []
-
-    @property
-    def clip_fraction(self) -> float:
-        """Share of projected gradients clipped so far (0 before the first step)."""
-        return self.clipped_total / self.queries_total if self.queries_total else 0.0
-
-    @torch.no_grad()
-    def step(self, closure: Closure | None = None) -> float:  # type: ignore[override]
-        if self.scales is not None:
-            self.scales.check_bound()
-        return super().step(closure)
 
     def _update(self, estimate: Estimate) -> None:
-        """Clip each projected gradient to ``[-C, C]``, count, then the fused ZO-SGD pass and ``max(Δ, 0)``."""
-        raw = list(estimate.projected_grads)
-        self.last_raw_projected_grads = raw
-        if self.clip is not None:
-            c = self.clip
-            clipped = [min(c, max(-c, g)) for g in raw]
-            self.last_clipped = sum(1 for g in raw if abs(g) > c)
-            estimate.projected_grads = clipped
-        else:
-            self.last_clipped = 0
-        self.clipped_total += self.last_clipped
-        self.queries_total += len(raw)
+        """Clip, then ZO-SGD's fused restore-and-update pass, then ``max(Δ, 0)``."""
+        self._clip(estimate)
         super()._update(estimate)
         if self.nonnegative:
             for p in self._params():
                 p.clamp_(min=0.0)
 
-    def state_dict(self) -> dict[str, Any]:
-        """The ZO core's state plus ``qzo``: C, the projection flag and the clip counters."""
-        state = super().state_dict()
-        state["qzo"] = {
-            "clip": self.clip,
-            "nonnegative": self.nonnegative,
-            "clipped_total": self.clipped_total,
-            "queries_total": self.queries_total,
-        }
-        return state
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        qzo = state_dict.pop("qzo", None)
-        super().load_state_dict(state_dict)
-        if qzo is not None:
-            self.clipped_total = int(qzo["clipped_total"])
-            self.queries_total = int(qzo["queries_total"])
+def qzo_optimizer(
+    params: QuantScales | Iterable[Tensor] | Iterable[dict[str, Any]],
+    *,
+    fused: bool | None = None,
+    **kwargs: Any,
+) -> QZORule:
+    """A QZO optimizer on the path ``fused`` selects: ``None`` = fused Triton path when the scales are on CUDA.
+
+    ``kwargs`` go to :class:`QZOOptimizer` or :class:`~lightning_zobi.quant.qzo_fused.FusedQZOOptimizer`
+    (``rounds``/``fast_math`` are fused-only and dropped on the torch path, so one recipe fits both).
+    """
+    from lightning_zobi.zo.fused import use_fused  # lazy: Triton is imported only when asked
+
+    tensors = params.tensors if isinstance(params, QuantScales) else list(params)
+    if use_fused(fused, tensors):
+        from lightning_zobi.quant.qzo_fused import FusedQZOOptimizer
+
+        return FusedQZOOptimizer(params if isinstance(params, QuantScales) else tensors, **kwargs)
+    kwargs.pop("rounds", None)
+    kwargs.pop("fast_math", None)
+    return QZOOptimizer(params if isinstance(params, QuantScales) else tensors, **kwargs)

@@ -205,10 +205,13 @@ def _zo_axpby_src(
     RNE_BF16: tl.constexpr,
     FAST: tl.constexpr,
     WIDE: tl.constexpr,
+    NONNEG: tl.constexpr,
     ROUNDS: tl.constexpr,
     SUB: tl.constexpr,
 ):
     """``x ← β·x + α_a·z(seed_a) [+ α_b·z(seed_b)]`` (NSTREAM directions) over many tensors, one program per 8·SUB elements.
+
+    ``NONNEG`` projects the result onto ``x ≥ 0`` (QZO's scales) in the same pass.
 
     ``meta[t] = (offset of tensor t from x0 in elements, numel, first program)``;
     ``scal[t] = (seed_a lo, seed_a hi, seed_b lo, seed_b hi, α_a, α_b, β)`` (floats as float64 bits).
@@ -280,6 +283,8 @@ def _zo_axpby_src(
             out = beta * x + acc
         else:
             out = acc
+        if NONNEG:
+            out = tl.maximum(out, 0.0)
         if RNE_BF16:  # the CPU interpreter truncates float32 -> bf16; round to nearest even as CUDA does
             bits = out.to(tl.uint32, bitcast=True)
             bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
@@ -424,6 +429,7 @@ def _launch(
     load_x: bool,
     rounds: int,
     fast: bool = True,
+    nonnegative: bool = False,
 ) -> Any:
     """Launch the kernel over ``group`` (per-tensor seeds and coefficients); returns Triton's launch result."""
     n = len(seeds_a)
@@ -460,6 +466,7 @@ def _launch(
                 RNE_BF16=group.dtype == torch.bfloat16 and group.device.type != "cuda",
                 FAST=fast,
                 WIDE=WIDE_MUL,
+                NONNEG=nonnegative,
                 ROUNDS=rounds,
                 SUB=SUB,
                 num_warps=NUM_WARPS,
@@ -552,12 +559,14 @@ class FusedGaussianDirections(Directions):
         terms: Sequence[Term],
         beta: float | Sequence[float] = 1.0,
         indices: Sequence[int] | None = None,
+        nonnegative: bool = False,
     ) -> None:
         """``θ_i ← β_i·θ_i + Σ_terms α_i·z(key, index_i)`` in place, two directions per pass.
 
         ``alpha``/``beta`` are a float or one float per parameter (per-group rates); ``indices``
         are the direction indices of ``params`` (default ``0..len-1``). One pass (one kernel launch
-        per dtype) for up to two terms; ``β`` is applied in the first pass.
+        per dtype) for up to two terms; ``β`` is applied in the first pass; ``nonnegative``
+        projects onto ``θ ≥ 0`` in the last pass.
         """
         params = list(params)
         if not params:
@@ -585,6 +594,7 @@ class FusedGaussianDirections(Directions):
                         True,
                         self.rounds,
                         self.fast_math,
+                        nonnegative and first + 2 >= len(prepared),
                     )
                 if positions is not None:  # non-contiguous parameters were updated on copies
                     for i, t in zip(positions, group.tensors, strict=True):
@@ -686,8 +696,12 @@ class FusedZOSGD(ZOSGD):
         """True while the parameters carry the next step's ``+εz`` (see :meth:`unperturb`)."""
         return self.pending is not None
 
+    def _project_nonnegative(self) -> bool:
+        """Whether the update pass projects onto ``θ ≥ 0`` (QZO's scales); folding is off then."""
+        return False
+
     def _fold_allowed(self) -> bool:
-        if self.difference != "central":
+        if self.difference != "central" or self._project_nonnegative():
             return False
         return bool(self._guards) if self.lookahead is None else self.lookahead
 
@@ -758,7 +772,9 @@ class FusedZOSGD(ZOSGD):
         params = self._params()
         sizes = [len(group["params"]) for group in self.param_groups]
         lr = np.repeat(np.asarray([group["lr"] for group in self.param_groups], dtype=np.float64), sizes)
-        wd = np.repeat(np.asarray([group["weight_decay"] for group in self.param_groups], dtype=np.float64), sizes)
+        wd = np.repeat(
+            np.asarray([group["weight_decay"] for group in self.param_groups], dtype=np.float64), sizes
+        )
         beta = 1.0 - lr * wd
         q = len(estimate.keys)
         coeff: dict[DirectionKey, np.ndarray] = {}
@@ -772,7 +788,7 @@ class FusedZOSGD(ZOSGD):
             next_key = self.keys_for_step(estimate.keys[0].step + 1)[0]
             terms.append((next_key, self.eps))
             self.pending = (next_key, self.eps)
-        self.fused_directions.apply_(params, terms, beta=beta)
+        self.fused_directions.apply_(params, terms, beta=beta, nonnegative=self._project_nonnegative())
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightning_zobi.lightning.callbacks.zero_order import ZeroOrder, _track_step_calls
-from lightning_zobi.quant.qzo import DEFAULT_CLIP, QZOOptimizer
+from lightning_zobi.quant.qzo import DEFAULT_CLIP, QZORule, qzo_optimizer
 from lightning_zobi.quant.scales import QuantScales, find_quant_scales
 
 
@@ -45,6 +45,9 @@ class QZO(ZeroOrder):
         layers: optional regex over quantized layer names to train (default: all quantized layers).
         backends: scale adapters to use (default: all of ``lightning_zobi.quant.SCALE_ADAPTERS``).
         unnest: un-nest double-quantized bitsandbytes absmax to float32 (else such layers are refused).
+        fused: ``None`` (default) runs the fused Triton path when the scales are on CUDA
+            (:class:`~lightning_zobi.quant.qzo_fused.FusedQZOOptimizer`), ``False`` the torch path,
+            ``True`` requires the fused one.
 
     Logs, besides ``ZeroOrder``'s ``zo/*``: ``qzo/clipped`` (queries clipped this step),
     ``qzo/clip_fraction`` (running share of clipped queries) and ``qzo/raw_projected_grad``
@@ -64,6 +67,7 @@ class QZO(ZeroOrder):
         unnest: bool = True,
         seed: int = 0,
         max_nonfinite: int = 5,
+        fused: bool | None = None,
     ) -> None:
         super().__init__(
             optimizer="zo_sgd",  # validated name only: build() below makes the QZOOptimizer over the scales
@@ -80,21 +84,23 @@ class QZO(ZeroOrder):
         self.layers = layers
         self.backends = backends
         self.unnest = unnest
+        self.fused = fused
         self.scales: QuantScales | None = None
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(optimizer="qzo", layers=self.layers, seed=self.seed)
 
-    def build(self, pl_module: nn.Module, optimizer: Optimizer) -> QZOOptimizer:
-        """A :class:`QZOOptimizer` over the module's quantization scales, with ``optimizer``'s learning rate."""
+    def build(self, pl_module: nn.Module, optimizer: Optimizer) -> QZORule:
+        """A QZO optimizer (torch or fused path) over the module's quantization scales, with ``optimizer``'s learning rate."""
         self.scales = find_quant_scales(
             pl_module, backends=self.backends, include=self.layers, unnest=self.unnest
         )
         hyper = optimizer.param_groups[0]
         lr = self.lr if self.lr is not None else hyper["lr"]
-        zo = QZOOptimizer(
+        zo = qzo_optimizer(
             self.scales,
+            fused=self.fused,
             lr=lr,
             eps=self.eps,
             queries=self.queries,
@@ -126,7 +132,7 @@ class QZO(ZeroOrder):
     ) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         for zo in self.zo_optimizers:
-            if not isinstance(zo, QZOOptimizer) or not zo.last_raw_projected_grads:
+            if not isinstance(zo, QZORule) or not zo.last_raw_projected_grads:
                 continue
             raw = zo.last_raw_projected_grads
             pl_module.log("qzo/clipped", float(zo.last_clipped), on_step=True, on_epoch=False)
