@@ -11,9 +11,13 @@ process (so one mode's allocations cannot inflate another's peak) on one device:
 * ``bf16_fo_adamw``: forward + backward + fused ``torch.optim.AdamW`` over every bf16 weight;
 * ``qzo``: the linear layers quantized to bitsandbytes nf4 (``quantize_linear_4bit_``, double
   quantization on, as QLoRA), scales un-nested by ``find_quant_scales`` and trained by
-  :class:`lightning_zobi.quant.QZOOptimizer`; embeddings, norms and ``lm_head`` stay bf16.
+  :class:`lightning_zobi.quant.QZOOptimizer` on the torch path; embeddings, norms and ``lm_head`` stay bf16;
+* ``qzo_fused``: the same on the fused Triton path (:class:`~lightning_zobi.quant.qzo_fused.FusedQZOOptimizer`,
+  what ``qzo_optimizer`` picks on CUDA);
+* ``nf4_inference``: one forward of that 4-bit model (the reference for a QZO step's 2 forwards).
 
-Reported per mode: peak allocated memory during the timed steps (``torch.cuda.max_memory_allocated``
+Ratios: ``× 2 fwd`` is a ZO step's time over two forwards of its own model (nf4 for the QZO
+modes, bf16 otherwise). Reported per mode: peak allocated memory during the timed steps (``torch.cuda.max_memory_allocated``
 after a reset; on CPU, which has no allocator statistics: the bytes of the model, gradients and
 optimizer state, without activations, plus the process's peak RSS), the model's
 resident bytes, the median step time over ``--steps`` steps after ``--warmup``, and the first/last
@@ -45,7 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers next to this script
 from _common import LLAMA_6_7B, device_name, llama_on, sync  # noqa: E402
 
-MODES = ("bf16_inference", "bf16_zo", "bf16_fo_adamw", "qzo")
+MODES = ("bf16_inference", "bf16_zo", "bf16_fo_adamw", "qzo", "qzo_fused", "nf4_inference")
+QUANTIZED = ("qzo", "qzo_fused", "nf4_inference")
 
 LLAMA_7B = dict(LLAMA_6_7B, max_position_embeddings=4096)
 """Llama-2-7B's architecture (6.7 B parameters)."""
@@ -98,8 +103,8 @@ def run_mode(
     """Build the model for ``mode``, time ``steps`` steps after ``warmup``, return the measurements."""
     model = build_model(config, device)
     scales_info: dict[str, Any] = {}
-    if mode == "qzo":
-        from lightning_zobi.quant import QZOOptimizer, find_quant_scales, quantize_linear_4bit_
+    if mode in QUANTIZED:
+        from lightning_zobi.quant import find_quant_scales, quantize_linear_4bit_, qzo_optimizer
 
         quantize_linear_4bit_(model, compress_statistics=True, compute_dtype=torch.bfloat16)
         gc.collect()
@@ -117,7 +122,7 @@ def run_mode(
     def loss_fn() -> torch.Tensor:
         return model(input_ids=ids, labels=ids).loss
 
-    if mode == "bf16_inference":
+    if mode in ("bf16_inference", "nf4_inference"):
         model.eval()
 
         def step() -> float:
@@ -147,8 +152,8 @@ def run_mode(
             adamw.step()
             adamw.zero_grad(set_to_none=True)
             return float(loss.detach())
-    elif mode == "qzo":
-        qzo = QZOOptimizer(scales, lr=1e-5, eps=1e-3)
+    elif mode in ("qzo", "qzo_fused"):
+        qzo = qzo_optimizer(scales, lr=1e-5, eps=1e-3, fused=mode == "qzo_fused")
         scales_info["optimizer"] = type(qzo).__name__
 
         def step() -> float:
@@ -220,7 +225,8 @@ def run_isolated(mode: str, args: argparse.Namespace) -> dict[str, Any]:
 def table(results: list[dict[str, Any]]) -> str:
     ref = next((r for r in results if r["mode"] == "bf16_inference" and "error" not in r), None)
     rows = [
-        f"{'mode':<16}{'peak MiB':>11}{'× infer':>9}{'model MiB':>11}{'step ms':>10}{'loss first→last':>22}"
+        f"{'mode':<16}{'peak MiB':>11}{'× infer':>9}{'model MiB':>11}{'step ms':>10}{'× 2 fwd':>9}"
+        f"{'loss first→last':>22}"
     ]
     for r in results:
         if "error" in r:
@@ -229,7 +235,8 @@ def table(results: list[dict[str, Any]]) -> str:
         ratio = r["peak_bytes"] / ref["peak_bytes"] if ref else float("nan")
         rows.append(
             f"{r['mode']:<16}{r['peak_bytes'] / 2**20:>11.1f}{ratio:>9.3f}{r['model_bytes'] / 2**20:>11.1f}"
-            f"{r['step_ms_median']:>10.1f}{r['loss_first']:>11.4f}→{r['loss_last']:<10.4f}"
+            f"{r['step_ms_median']:>10.1f}{r.get('step_ratio_to_2_forwards', float('nan')):>9.3f}"
+            f"{r['loss_first']:>11.4f}→{r['loss_last']:<10.4f}"
         )
     return "\n".join(rows)
 
@@ -271,9 +278,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         status = last.get("error", "").strip().splitlines()[-1:] or [f"{last['step_ms_median']:.1f} ms/step"]
         print(f"[qzo_memory] {mode}: {status[0][:120]}", flush=True)
     ref = next((r for r in results if r["mode"] == "bf16_inference" and "error" not in r), None)
+    forwards = {
+        r["mode"]: r["step_ms_median"]
+        for r in results
+        if r["mode"].endswith("_inference") and "error" not in r
+    }
     for r in results:
         if ref and "error" not in r:
             r["peak_ratio_to_bf16_inference"] = r["peak_bytes"] / ref["peak_bytes"]
+        forward = forwards.get("nf4_inference" if r["mode"].startswith("qzo") else "bf16_inference")
+        if forward and "error" not in r and r["mode"] in ("bf16_zo", "qzo", "qzo_fused"):
+            r["step_ratio_to_2_forwards"] = r["step_ms_median"] / (2 * forward)
     report = dict(
         benchmark="qzo_memory",
         date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -279,8 +279,13 @@ def test_memory_benchmark_runs_tiny_on_cpu(tmp_path) -> None:
     bench.main(["--tiny", "--steps", "1", "--warmup", "1", "--out", str(out)])
     report = json.loads(out.read_text())
     results = {r["mode"]: r for r in report["results"]}
-    assert set(results) == {"bf16_inference", "bf16_zo", "bf16_fo_adamw", "qzo"}
+    assert set(results) == {"bf16_inference", "bf16_zo", "bf16_fo_adamw", "qzo", "qzo_fused", "nf4_inference"}
     assert not any("error" in r for r in results.values())
+    assert (
+        results["qzo_fused"]["optimizer"] == "FusedQZOOptimizer"
+        and results["qzo"]["optimizer"] == "QZOOptimizer"
+    )
+    assert results["qzo_fused"]["step_ratio_to_2_forwards"] > 0
     infer, fo, qzo = results["bf16_inference"], results["bf16_fo_adamw"], results["qzo"]
     assert qzo["model_bytes"] < infer["model_bytes"]  # 4-bit linear layers
     assert fo["peak_bytes"] >= 3 * infer["model_bytes"]  # + gradients + two AdamW moments
