@@ -251,3 +251,13 @@ def test_zo_step_benchmark_runs_tiny_on_cpu(tmp_path):
         assert r["ms"] > 0, name
         assert r["ratio_2fwd"] == pytest.approx(r["ms"] / (2 * result["variants"]["forward"]["ms"]))
     assert result["params"] > 0 and result["floor_ratio"] >= 1.0
+
+
+def test_state_dict_names_rounds_and_format_and_warns_on_an_older_format():
+    dirs = FusedGaussianDirections(rounds=7)
+    assert dirs.state_dict() == {"rounds": 7, "format": FusedGaussianDirections.FORMAT}
+    dirs.load_state_dict(dirs.state_dict())  # same: silent
+    with pytest.warns(UserWarning, match="format 1"):
+        dirs.load_state_dict({"rounds": 7})
+    with pytest.raises(ValueError, match="rounds=10"):
+        dirs.load_state_dict({"rounds": 10, "format": FusedGaussianDirections.FORMAT})
