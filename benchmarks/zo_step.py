@@ -18,7 +18,8 @@ synchronised around every step, median reported), with the peak allocated memory
   trainer does it): ``torch.manual_seed(s)`` then per parameter
   ``z = torch.normal(0, 1, size, dtype)`` and ``param.data = param.data + scale * z * eps``, for
   +1, -2, +1, then the update regenerates ``z`` again: 4 passes;
-* ``lozo``: the LOZO rule (rank 2) on its torch path, for reference;
+* ``lozo`` / ``lozo_fused``: the LOZO rule (rank 2) on its torch path / on the fused Triton path
+  (:class:`~lightning_zobi.zo.fused_lowrank.FusedLOZO`: ``U Vᵀ`` drawn inside a tiled kernel);
 * ``adamw``: first-order training step (forward + backward + fused ``torch.optim.AdamW``);
 * ``forward_end``: the forward again, last, to see drift over the run.
 
@@ -83,9 +84,20 @@ FUSED_STEPS = {  # name: (lookahead, Philox rounds)
     "zo_fused3_r7": (False, 7),
     "zo_fused_r7": (None, 7),
 }
-ALL_VARIANTS = ["forward", "pass", *KERNELS, "zo_torch", *FUSED_STEPS, "mezo", "lozo", "adamw", "forward_end"]
+ALL_VARIANTS = [
+    "forward",
+    "pass",
+    *KERNELS,
+    "zo_torch",
+    *FUSED_STEPS,
+    "mezo",
+    "lozo",
+    "lozo_fused",
+    "adamw",
+    "forward_end",
+]
 """``forward_end`` repeats the forward last, to show clock drift over the run (ratios use ``forward``)."""
-FUSED_VARIANTS = set(KERNELS) | set(FUSED_STEPS)
+FUSED_VARIANTS = set(KERNELS) | set(FUSED_STEPS) | {"lozo_fused"}
 LR, EPS = 1e-7, 1e-3
 
 
@@ -223,8 +235,8 @@ class _Bench:
                 self.model.eval()
         if name == "zo_torch":
             zo = ZOSGD(params, lr=LR, eps=EPS)
-        elif name == "lozo":
-            zo = build_optimizer("lozo", params, lr=LR, eps=EPS, rank=2)
+        elif name in ("lozo", "lozo_fused"):
+            zo = build_optimizer("lozo", params, fused=name == "lozo_fused", lr=LR, eps=EPS, rank=2)
         elif name in FUSED_STEPS:
             lookahead, rounds = FUSED_STEPS[name]
             zo = FusedZOSGD(params, lr=LR, eps=EPS, lookahead=lookahead, rounds=rounds)

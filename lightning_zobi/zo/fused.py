@@ -835,25 +835,38 @@ def use_fused(fused: bool | None, params: Iterable[Any]) -> bool:
 def select_optimizer(
     cls: type[ZOOptimizer], params: Iterable[Any], fused: bool | None
 ) -> tuple[Callable, list]:
-    """``(constructor, params as a list)``: :class:`FusedZOSGD` for ZO-SGD when :func:`use_fused` says so.
+    """``(constructor, params as a list)``: the fused class of ``cls`` when :func:`use_fused` says so.
 
-    On the torch path, ZO-SGD's constructor ignores the fused-only arguments (``lookahead``,
-    ``rounds``, ``fast_math``), so one recipe runs on CPU and GPU alike.
+    Fused classes exist for ZO-SGD (:class:`FusedZOSGD`) and LOZO
+    (:class:`~lightning_zobi.zo.fused_lowrank.FusedLOZO`). On the torch path their constructors
+    ignore the fused-only arguments (``lookahead``, ``rounds``, ``fast_math``), so one recipe runs
+    on CPU and GPU alike.
     """
+    from lightning_zobi.zo.optim import LOZO
+
     params = list(params)
-    if cls is ZOSGD:
+    fused_classes: dict[type, Callable[[], type]] = {ZOSGD: lambda: FusedZOSGD, LOZO: _fused_lozo}
+    if cls in fused_classes:
         if use_fused(fused, params):
-            return FusedZOSGD, params
+            return fused_classes[cls](), params
 
         def torch_path(
             params: Any, *, lookahead: Any = None, rounds: Any = None, fast_math: Any = None, **kwargs: Any
         ) -> ZOOptimizer:
-            return ZOSGD(params, **kwargs)
+            return cls(params, **kwargs)
 
         return torch_path, params
     if fused:
-        raise ValueError(f"fused=True is implemented for 'zo_sgd' only, not {cls.__name__}; drop fused=True.")
+        raise ValueError(
+            f"fused=True is implemented for 'zo_sgd' and 'lozo' only, not {cls.__name__}; drop fused=True."
+        )
     return cls, params
+
+
+def _fused_lozo() -> type:
+    from lightning_zobi.zo.fused_lowrank import FusedLOZO
+
+    return FusedLOZO
 
 
 __all__ = [
