@@ -1,0 +1,649 @@
+"""Fused LOZO: low-rank directions ``Z = U Vᵀ`` generated inside a Triton kernel and applied in place.
+
+LOZO ("Enhancing Zeroth-order Fine-tuning for Language Models with Low-rank Structures", Chen et
+al., ICLR 2025, arXiv 2410.07698) perturbs every ``m×n`` weight along ``U Vᵀ`` with ``U`` (``m×r``)
+fresh per step and query and ``V`` (``n×r``) fresh per lazy period of ``nu`` steps. The torch path
+(:class:`~lightning_zobi.zo.directions.LowRankDirections`) draws both factors with ``torch.randn``
+and adds them with one ``addmm_`` per weight: two random launches, a GEMM and its bookkeeping for
+every weight of every pass. Here one Triton launch per pass (per dtype) covers *all* 2-D weights:
+each program owns one ``TILE_M×TILE_N`` tile of one weight, regenerates the ``TILE_M·r`` entries of
+``U`` and the ``TILE_N·r`` entries of ``V`` it needs from Philox in registers, and computes
+``θ ← β·θ + Σ_s α_s·U_s V_sᵀ`` (up to two directions ``s`` per pass) as ``r`` broadcast outer
+products, so ``U``, ``V`` and ``Z`` never exist in memory and a pass is one read and one write of
+the weights. Non-matrix parameters take :class:`~lightning_zobi.zo.fused.FusedGaussianDirections`'
+dense pass, with the seeds the torch path uses.
+
+Randomness: the generator of :mod:`lightning_zobi.zo.fused` (Philox-4x32-``rounds`` then
+Box-Muller, :func:`~lightning_zobi.zo.fused.philox_normals`), keyed by the factor's 64-bit seed,
+derived exactly as :class:`LowRankDirections` derives it (``U``: ``key.seed_for(index, 0x55)``;
+``V``: ``derive_seed(run_seed, step // nu, index, 0x56)``). Entry ``(i, k)`` of a factor (row ``i``,
+rank column ``k``) is word ``k mod 4`` of the Philox block at counter ``(i, k // 4, 0, 0)``: it
+depends only on the seed and the position, never on the tile size, the launch or the other
+weights, and the first ``r`` columns of a rank-``r'`` factor (``r' > r``) are the rank-``r`` factor.
+The values differ from ``torch.randn``'s, so switching between this and the torch path mid-run
+changes the directions (not the algorithm); within this path they are bit-reproducible.
+
+On CPU the same kernels run in Triton's interpreter (slow: for tests); the compiled kernels need
+CUDA.
+
+Cost of a tile: ``NSTREAM·ceil(r/4)·(TILE_M + TILE_N)`` Philox blocks (192 for one stream at
+r ≤ 4 with the default 64×128 tile: one per 43 elements, where the dense fused pass needs one
+per 8; the compiled kernel may repeat some across the threads sharing a row or column) and ``r``
+multiply-adds per element per stream. Two streams that share ``V`` (two queries of one lazy
+period) are summed in the factor space, ``(α_a·u_a + α_b·u_b)·vᵀ``: ``r`` multiply-adds per
+element and one ``V`` regeneration for both. The arithmetic grows with ``r``, so at large ranks
+the pass may turn compute-bound; the compiled kernel's speed has not been measured yet.
+
+Memory: no factor and no direction tensor; per pass a table of 11 int64 per weight, and a cached
+map of one int32 per tile (``1/8192`` of the weight's elements).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lightning_zobi.zo.directions import DirectionKey, LowRankDirections, derive_seed
+from lightning_zobi.zo.estimators import Estimate
+from lightning_zobi.zo.fused import (
+    HAS_TRITON,
+    SUPPORTED_DTYPES,
+    FusedGaussianDirections,
+    _DeviceFunction,
+    philox_normals,
+)
+from lightning_zobi.zo.optim import LOZO, _reject_directions
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+else:  # pragma: no cover - exercised on machines without triton
+    triton = None  # type: ignore[assignment]
+    tl = None  # type: ignore[assignment]
+
+TILE_M = 64
+"""Rows per program (a speed knob only: the values do not depend on it)."""
+TILE_N = 128
+"""Columns per program (a speed knob only)."""
+NUM_WARPS = 8
+"""Warps per program of the tile kernel (a speed knob only)."""
+WIDE_MUL = True
+"""Philox products through one 32×32→64 multiply (a speed knob only: the same values)."""
+FACTOR_ROWS = 256
+"""Factor rows per program of the materialising kernel used by :meth:`FusedLowRankDirections.factors`."""
+MAX_RANK = 16
+U_SALT = 0x55
+V_SALT = 0x56
+_MASK32 = 0xFFFFFFFF
+_MAX_DIM = 2**31 - 1
+_META = 7  # per weight: offset, rows, cols, row stride, col stride, first tile, tiles per row
+_SCAL = 11  # per weight: (U lo, U hi, V lo, V hi) × 2 streams, α_0, α_1, β
+_FAST_OK = True
+_ALIGNED_OK = True
+
+
+# ---------------------------------------------------------------------------------------- kernels
+def _pick_src(W: tl.constexpr, a0, a1, a2, a3):
+    """``(a0, a1, a2, a3)[W]`` for a compile-time ``W`` (a rank column's word of a Philox block)."""
+    out = a3
+    if W == 0:
+        out = a0
+    elif W == 1:
+        out = a1
+    elif W == 2:
+        out = a2
+    return out
+
+
+_pick = _DeviceFunction(_pick_src) if HAS_TRITON else None
+
+
+def _zo_lowrank_src(
+    x0_ptr,
+    tile_tensor_ptr,
+    meta_ptr,
+    scal_ptr,
+    NSTREAM: tl.constexpr,
+    SHARED_V: tl.constexpr,
+    RANK: tl.constexpr,
+    F64: tl.constexpr,
+    CDT: tl.constexpr,
+    CONTIG: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    RNE_BF16: tl.constexpr,
+    FAST: tl.constexpr,
+    WIDE: tl.constexpr,
+    ROUNDS: tl.constexpr,
+    TILE_M: tl.constexpr,
+    TILE_N: tl.constexpr,
+):
+    """``X ← β·X + Σ_s α_s·U_s V_sᵀ`` (NSTREAM = 1 or 2) over many 2-D tensors, one program per ``TILE_M×TILE_N`` tile.
+
+    ``meta[t] = (offset of tensor t from x0 in elements, rows, cols, row stride, col stride,
+    first tile, tiles per row)``; ``scal[t] = (U_a seed lo, hi, V_a seed lo, hi, U_b lo, hi, V_b lo,
+    hi, α_a, α_b, β)`` (floats as float64 bits). ``U[i, k]`` is word ``k % 4`` of
+    Philox((i, k // 4, 0, 0), seed_U) after Box-Muller, ``V[j, k]`` likewise under seed_V.
+    ``SHARED_V`` (both streams have the same ``V``: two queries of one lazy period) sums the
+    streams in the factor space, ``(α_a·u_a + α_b·u_b) vᵀ``: one outer product per rank column.
+    """
+    pid = tl.program_id(0)
+    t = tl.load(tile_tensor_ptr + pid).to(tl.int64)
+    base = tl.load(meta_ptr + t * 7)
+    m = tl.load(meta_ptr + t * 7 + 1)
+    n = tl.load(meta_ptr + t * 7 + 2)
+    s0 = tl.load(meta_ptr + t * 7 + 3)
+    s1 = tl.load(meta_ptr + t * 7 + 4)
+    tile = pid - tl.load(meta_ptr + t * 7 + 5)
+    per_row = tl.load(meta_ptr + t * 7 + 6)
+    if ALIGNED:
+        base = tl.multiple_of(base, 8)
+        s0 = tl.multiple_of(s0, 8)
+    rows = (tile // per_row) * TILE_M + tl.arange(0, TILE_M)
+    cols = (tile % per_row) * TILE_N + tl.arange(0, TILE_N)
+    ru = rows.to(tl.uint32)
+    cu = cols.to(tl.uint32)
+    sc = scal_ptr + t * 11
+    ua0 = tl.load(sc).to(tl.uint32)
+    ua1 = tl.load(sc + 1).to(tl.uint32)
+    va0 = tl.load(sc + 2).to(tl.uint32)
+    va1 = tl.load(sc + 3).to(tl.uint32)
+    ub0 = tl.load(sc + 4).to(tl.uint32)
+    ub1 = tl.load(sc + 5).to(tl.uint32)
+    vb0 = tl.load(sc + 6).to(tl.uint32)
+    vb1 = tl.load(sc + 7).to(tl.uint32)
+    alpha_a = tl.load(sc + 8).to(tl.float64, bitcast=True)
+    alpha_b = tl.load(sc + 9).to(tl.float64, bitcast=True)
+    beta = tl.load(sc + 10).to(tl.float64, bitcast=True)
+    if not F64:
+        alpha_a = alpha_a.to(tl.float32)
+        alpha_b = alpha_b.to(tl.float32)
+        beta = beta.to(tl.float32)
+    acc = tl.full([TILE_M, TILE_N], 0, dtype=CDT)
+    for g in tl.static_range((RANK + 3) // 4):  # one Philox block gives 4 rank columns
+        gu = ru * 0 + g
+        gv = cu * 0 + g
+        a0, a1, a2, a3 = philox_normals(ru, gu, ua0, ua1, ROUNDS, FAST, WIDE)
+        p0, p1, p2, p3 = philox_normals(cu, gv, va0, va1, ROUNDS, FAST, WIDE)
+        b0, b1, b2, b3 = a0, a1, a2, a3
+        q0, q1, q2, q3 = p0, p1, p2, p3
+        if NSTREAM == 2:
+            b0, b1, b2, b3 = philox_normals(ru, gu, ub0, ub1, ROUNDS, FAST, WIDE)
+            if not SHARED_V:
+                q0, q1, q2, q3 = philox_normals(cu, gv, vb0, vb1, ROUNDS, FAST, WIDE)
+        for w in tl.static_range(4):
+            if 4 * g + w < RANK:
+                ua = alpha_a * _pick(w, a0, a1, a2, a3).to(CDT)
+                va = _pick(w, p0, p1, p2, p3).to(CDT)
+                if NSTREAM == 1:
+                    acc += ua[:, None] * va[None, :]
+                elif SHARED_V:
+                    ub = alpha_b * _pick(w, b0, b1, b2, b3).to(CDT)
+                    acc += (ua + ub)[:, None] * va[None, :]
+                else:
+                    ub = alpha_b * _pick(w, b0, b1, b2, b3).to(CDT)
+                    vb = _pick(w, q0, q1, q2, q3).to(CDT)
+                    acc += ua[:, None] * va[None, :] + ub[:, None] * vb[None, :]
+    if CONTIG:
+        offs = base + rows[:, None] * s0 + cols[None, :]
+    else:
+        offs = base + rows[:, None] * s0 + cols[None, :] * s1
+    mask = (rows < m)[:, None] & (cols < n)[None, :]
+    x = tl.load(x0_ptr + offs, mask=mask, other=0.0).to(CDT)
+    out = beta * x + acc
+    if RNE_BF16:  # the CPU interpreter truncates float32 -> bf16; round to nearest even as CUDA does
+        bits = out.to(tl.uint32, bitcast=True)
+        bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+        out = bits.to(tl.float32, bitcast=True)
+    tl.store(x0_ptr + offs, out.to(x0_ptr.dtype.element_ty), mask=mask)
+
+
+def _zo_factor_src(
+    out_ptr,
+    seed_ptr,
+    nrows,
+    RANK: tl.constexpr,
+    FAST: tl.constexpr,
+    WIDE: tl.constexpr,
+    ROUNDS: tl.constexpr,
+    ROWS: tl.constexpr,
+):
+    """Write the float32 factor ``F`` (``nrows×RANK``, row-major) the tile kernel regenerates under ``seed``."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    mask = rows < nrows
+    ru = rows.to(tl.uint32)
+    k0 = tl.load(seed_ptr).to(tl.uint32)
+    k1 = tl.load(seed_ptr + 1).to(tl.uint32)
+    for g in tl.static_range((RANK + 3) // 4):
+        z0, z1, z2, z3 = philox_normals(ru, ru * 0 + g, k0, k1, ROUNDS, FAST, WIDE)
+        for w in tl.static_range(4):
+            if 4 * g + w < RANK:
+                tl.store(out_ptr + rows * RANK + (4 * g + w), _pick(w, z0, z1, z2, z3), mask=mask)
+
+
+_KERNELS: dict[tuple[str, str], Any] = {}
+_SOURCES = {"tiles": _zo_lowrank_src, "factor": _zo_factor_src}
+
+
+def _kernel(name: str, device: torch.device) -> Any:
+    """Kernel ``name`` compiled for CUDA, or wrapped by Triton's interpreter for CPU tensors."""
+    if not HAS_TRITON:
+        raise RuntimeError(
+            "The fused LOZO path needs Triton (`pip install triton`); use LOZO / LowRankDirections instead."
+        )
+    kind = "cuda" if device.type == "cuda" else "interp"
+    if (name, kind) not in _KERNELS:
+        if kind == "cuda":
+            _KERNELS[name, kind] = triton.jit(_SOURCES[name])
+        else:
+            from triton.runtime.interpreter import InterpretedFunction
+
+            _KERNELS[name, kind] = InterpretedFunction(_SOURCES[name])
+    return _KERNELS[name, kind]
+
+
+def _launch_with_fallback(run: Any, fast: bool, aligned: bool) -> Any:
+    """``run(fast, aligned)``, dropping fast math then the alignment hints (once, with a warning) if Triton rejects them."""
+    global _FAST_OK, _ALIGNED_OK
+    fast, aligned = fast and _FAST_OK, aligned and _ALIGNED_OK
+    while True:
+        try:
+            return run(fast, aligned)
+        except Exception as err:
+            if fast:
+                warnings.warn(
+                    f"fused LOZO kernel: fast math failed ({err!r}); using exact math.", stacklevel=3
+                )
+                _FAST_OK = fast = False
+            elif aligned:
+                warnings.warn(
+                    f"fused LOZO kernel: alignment hints rejected ({err!r}); dropped.", stacklevel=3
+                )
+                _ALIGNED_OK = aligned = False
+            else:
+                raise
+
+
+# ---------------------------------------------------------------------------------------- seeds
+@functools.lru_cache(maxsize=256)
+def _salted_seeds(prefix: tuple[int, ...], indices: tuple[int, ...], salt: int) -> np.ndarray:
+    """``derive_seed(*prefix, i, salt)`` for every ``i`` (uint64), cached: a step reuses its keys 3 times."""
+    out = np.array([derive_seed(*prefix, i, salt) for i in indices], dtype=np.uint64)
+    out.setflags(write=False)
+    return out
+
+
+def u_seeds(key: DirectionKey, indices: Sequence[int]) -> np.ndarray:
+    """Seeds of ``U`` for parameters ``indices`` under ``key``: ``key.seed_for(i, 0x55)``, as the torch path."""
+    return _salted_seeds((key.run_seed, key.step, key.query), tuple(int(i) for i in indices), U_SALT)
+
+
+def v_seeds(run_seed: int, period: int, indices: Sequence[int]) -> np.ndarray:
+    """Seeds of ``V`` for lazy period ``period``: ``derive_seed(run, period, i, 0x56)``, as the torch path."""
+    return _salted_seeds((run_seed, period), tuple(int(i) for i in indices), V_SALT)
+
+
+def _split(seeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Low and high 32-bit words of uint64 seeds, as int64 (the kernels' Philox key)."""
+    return (seeds & np.uint64(_MASK32)).astype(np.int64), (seeds >> np.uint64(32)).astype(np.int64)
+
+
+def _f64_bits(values: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(values, dtype=np.float64).view(np.int64)
+
+
+# ---------------------------------------------------------------------------------------- launch
+class _TileGroup:
+    """Static launch data of same-device, same-dtype 2-D tensors: per-tensor geometry and tile map."""
+
+    def __init__(self, tensors: list[Tensor]) -> None:
+        x0 = tensors[0]
+        self.device, self.dtype, self.tensors, self.x0 = x0.device, x0.dtype, tensors, x0
+        esize = x0.element_size()
+        rows, first = [], 0
+        tiles = []
+        for t in tensors:
+            delta = t.data_ptr() - x0.data_ptr()
+            if delta % esize:
+                raise AssertionError("tensors of one dtype must be element-aligned")
+            m, n = t.shape
+            per_row = -(-n // TILE_N)
+            count = -(-m // TILE_M) * per_row
+            rows.append([delta // esize, m, n, t.stride(0), t.stride(1), first, per_row])
+            tiles.append(count)
+            first += count
+        self.num_tiles = first
+        self.contiguous = all(r[4] == 1 for r in rows)
+        self.aligned = self.contiguous and all(r[0] % 8 == 0 and r[3] % 8 == 0 for r in rows)
+        meta = torch.tensor(rows, dtype=torch.int64)
+        tile_tensor = torch.repeat_interleave(
+            torch.arange(len(tensors), dtype=torch.int32), torch.tensor(tiles, dtype=torch.int64)
+        )
+        self.meta = meta.to(self.device)
+        self.tile_tensor = tile_tensor.to(self.device)
+
+    def launch(self, scal: np.ndarray, nstream: int, rank: int, rounds: int, fast: bool) -> Any:
+        """One launch over every tile of the group with the per-tensor table ``scal`` (n×11 int64)."""
+        host = torch.from_numpy(np.ascontiguousarray(scal))
+        on_cuda = self.device.type == "cuda"
+        scal_t = host.pin_memory().to(self.device, non_blocking=True) if on_cuda else host
+        kernel = _kernel("tiles", self.device)
+
+        def run(fast: bool, aligned: bool) -> Any:
+            return kernel[(self.num_tiles,)](
+                self.x0,
+                self.tile_tensor,
+                self.meta,
+                scal_t,
+                NSTREAM=nstream,
+                SHARED_V=nstream == 2 and bool(np.array_equal(scal[:, 2:4], scal[:, 6:8])),
+                RANK=rank,
+                F64=self.dtype == torch.float64,
+                CDT=tl.float64 if self.dtype == torch.float64 else tl.float32,
+                CONTIG=self.contiguous,
+                ALIGNED=aligned,
+                RNE_BF16=self.dtype == torch.bfloat16 and not on_cuda,
+                FAST=fast,
+                WIDE=WIDE_MUL,
+                ROUNDS=rounds,
+                TILE_M=TILE_M,
+                TILE_N=TILE_N,
+                num_warps=NUM_WARPS,
+            )
+
+        return _launch_with_fallback(run, fast and on_cuda, self.aligned)
+
+
+class _LowRankPlan:
+    """How a parameter list is launched: 2-D weights grouped by (device, dtype, contiguous columns); the rest."""
+
+    def __init__(self, params: list[Tensor], key: tuple) -> None:
+        self.key = key
+        buckets: dict[tuple, list[int]] = {}
+        dense: list[int] = []
+        for pos, p in enumerate(params):
+            FusedLowRankDirections.check(p)
+            if not LowRankDirections.is_matrix(p):
+                dense.append(pos)
+            elif p.numel():
+                buckets.setdefault((p.device, p.dtype, p.stride(1) == 1), []).append(pos)
+        self.groups = [(np.asarray(pos), _TileGroup([params[i] for i in pos])) for pos in buckets.values()]
+        self.dense = np.asarray(dense, dtype=np.int64)
+
+
+def _plan_key(params: list[Tensor]) -> tuple:
+    return tuple((id(p), p.data_ptr(), tuple(p.shape), p.stride(), p.dtype) for p in params)
+
+
+Term = tuple[DirectionKey, "float | Sequence[float]"]
+
+
+# ---------------------------------------------------------------------------------------- directions
+class FusedLowRankDirections(LowRankDirections):
+    """LOZO's directions (``U Vᵀ`` on 2-D weights, Gaussian elsewhere) drawn and applied by fused Triton kernels.
+
+    Same contract, seeds and distribution as :class:`~lightning_zobi.zo.directions.LowRankDirections`
+    (LOZO, Chen et al., ICLR 2025, arXiv 2410.07698): ``U`` per (run, step, query, index), ``V``
+    per (run, ``step // nu``, index), dense Gaussian for non-matrix parameters; but the values come
+    from the Philox generator of :mod:`lightning_zobi.zo.fused`, not ``torch.randn``, so they differ
+    from the torch path's. :meth:`apply_` / :meth:`perturb_` never materialise ``U``, ``V`` or ``Z``;
+    :meth:`factors` (and :meth:`sample`) do, with the exact float32 values the in-place passes use
+    (cast to the parameter's dtype: exact for float32/float64, rounded for half types).
+
+    Args:
+        rank: ``r`` in 1..16 (a compile-time constant of the kernel).
+        nu: lazy period of ``V`` in steps.
+        rounds, fast_math: see :class:`~lightning_zobi.zo.fused.FusedGaussianDirections`; they are
+            part of the direction (keep them fixed within a run).
+
+    Memory: none per pass beyond an 88-byte-per-weight table; a cached int32 per tile.
+    """
+
+    def __init__(self, rank: int = 2, nu: int = 50, rounds: int = 10, fast_math: bool = True) -> None:
+        super().__init__(rank, nu)
+        if rank > MAX_RANK:
+            raise ValueError(
+                f"rank={rank} is too large for the fused LOZO kernel (at most {MAX_RANK}); use a smaller rank "
+                "or the torch path (LOZO / LowRankDirections)."
+            )
+        self.dense = FusedGaussianDirections(rounds, fast_math)  # validates rounds, needs Triton
+        self.rounds = rounds
+        self.fast_math = bool(fast_math)
+        self._plans: dict[tuple, _LowRankPlan] = {}
+
+    # ------------------------------------------------------------------ checks and state
+    @staticmethod
+    def check(param: Tensor) -> None:
+        """Refuse parameters the fused kernels cannot update, saying what to use instead."""
+        if param.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"The fused LOZO path supports {[str(d) for d in SUPPORTED_DTYPES]}, got a {param.dtype} "
+                "parameter; use LOZO (the torch path) or leave that parameter out of the optimizer."
+            )
+        if param.device.type not in ("cuda", "cpu"):
+            raise RuntimeError(
+                f"The fused LOZO path runs on CUDA (compiled) or CPU (Triton's interpreter), got a parameter on "
+                f"{param.device}; use LOZO (the torch path)."
+            )
+        if param.dim() == 2 and max(param.shape) > _MAX_DIM:
+            raise ValueError(
+                f"A {tuple(param.shape)} weight exceeds the fused LOZO kernel's 2**31-1 rows/columns; use LOZO."
+            )
+
+    def state_dict(self) -> dict:
+        return {"rounds": self.rounds, "rank": self.rank, "nu": self.nu}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in ("rounds", "rank", "nu"):
+            if name in state and int(state[name]) != getattr(self, name):
+                raise ValueError(
+                    f"The checkpoint's fused LOZO directions used {name}={state[name]}, this run "
+                    f"{name}={getattr(self, name)}: pass the same {name} to resume the same directions."
+                )
+
+    def _plan(self, params: list[Tensor]) -> _LowRankPlan:
+        """The cached launch plan of ``params``; rebuilt if a tensor moved or changed shape/strides."""
+        key = _plan_key(params)
+        ids = tuple(k[0] for k in key)
+        plan = self._plans.get(ids)
+        if plan is None or plan.key != key:
+            if len(self._plans) > 16:
+                self._plans.clear()
+            plan = self._plans[ids] = _LowRankPlan(params, key)
+        return plan
+
+    # ------------------------------------------------------------------ the passes
+    def apply_(
+        self,
+        params: Sequence[Tensor],
+        terms: Sequence[Term],
+        beta: float | Sequence[float] = 1.0,
+        indices: Sequence[int] | None = None,
+    ) -> None:
+        """``θ_i ← β_i·θ_i + Σ_terms α_i·Z(key, index_i)`` in place, two directions per launch.
+
+        ``alpha``/``beta`` are a float or one float per parameter; ``indices`` are the direction
+        indices of ``params`` (default ``0..len-1``). 2-D weights: one launch per (device, dtype)
+        per two terms, ``β`` applied by the first; other parameters: the dense fused pass.
+        """
+        params = list(params)
+        if not params:
+            return
+        n = len(params)
+        idx = np.arange(n, dtype=np.int64) if indices is None else np.asarray(list(indices), dtype=np.int64)
+        if idx.shape != (n,):
+            raise ValueError(
+                f"indices has {idx.size} entries for {n} parameters; give one index per parameter."
+            )
+
+        def per_param(v: float | Sequence[float]) -> np.ndarray:
+            return np.ascontiguousarray(np.broadcast_to(np.asarray(v, dtype=np.float64), (n,)))
+
+        betas = per_param(beta)
+        prepared = [(key, per_param(alpha)) for key, alpha in terms] or [(DirectionKey(0, 0, 0), np.zeros(n))]
+        plan = self._plan(params)
+        with torch.no_grad():
+            for sel, group in plan.groups:
+                for first in range(0, len(prepared), 2):
+                    chunk = prepared[first : first + 2]
+                    scal = self._table(chunk, idx[sel], sel, betas[sel] if first == 0 else np.ones(len(sel)))
+                    group.launch(scal, len(chunk), self.rank, self.rounds, self.fast_math)
+            if plan.dense.size:
+                d = plan.dense
+                self.dense.apply_(
+                    [params[i] for i in d],
+                    [(key, a[d]) for key, a in prepared],
+                    beta=betas[d],
+                    indices=idx[d],
+                )
+
+    def _table(
+        self, chunk: list[tuple[DirectionKey, np.ndarray]], idx: np.ndarray, sel: np.ndarray, beta: np.ndarray
+    ) -> np.ndarray:
+        """The kernel's per-weight table: split U/V seeds of each stream, α per stream, β."""
+        scal = np.zeros((len(sel), _SCAL), dtype=np.int64)
+        for s, (key, alpha) in enumerate(chunk):
+            scal[:, 4 * s], scal[:, 4 * s + 1] = _split(u_seeds(key, idx))
+            scal[:, 4 * s + 2], scal[:, 4 * s + 3] = _split(v_seeds(key.run_seed, self.period(key.step), idx))
+            scal[:, 8 + s] = _f64_bits(alpha[sel])
+        scal[:, 10] = _f64_bits(beta)
+        return scal
+
+    def perturb_(self, params: Iterable[Tensor], key: DirectionKey, scale: float) -> None:
+        """``θ += scale · Z`` in one fused pass (one launch per dtype, plus the dense one)."""
+        self.apply_(list(params), [(key, scale)])
+
+    def add_direction_(self, param: Tensor, index: int, key: DirectionKey, scale: float) -> None:
+        """``param += scale · Z`` in place through the fused kernels (no factor or dense ``Z``)."""
+        self.apply_([param], [(key, scale)], indices=[index])
+
+    # ------------------------------------------------------------------ materialised factors
+    def _factor(self, rows: int, seed: int, like: Tensor) -> Tensor:
+        """The float32 factor (``rows×r``) under ``seed``: the values the tile kernel regenerates."""
+        self.check(like)
+        out = torch.empty(rows, self.rank, dtype=torch.float32, device=like.device)
+        if rows == 0:
+            return out
+        seeds = torch.tensor([seed & _MASK32, seed >> 32], dtype=torch.int64, device=like.device)
+        kernel = _kernel("factor", like.device)
+        grid = (-(-rows // FACTOR_ROWS),)
+
+        def run(fast: bool, aligned: bool) -> Any:
+            return kernel[grid](
+                out,
+                seeds,
+                rows,
+                RANK=self.rank,
+                FAST=fast,
+                WIDE=WIDE_MUL,
+                ROUNDS=self.rounds,
+                ROWS=FACTOR_ROWS,
+            )
+
+        _launch_with_fallback(run, self.fast_math and like.device.type == "cuda", False)
+        return out
+
+    def _factors32(self, param: Tensor, index: int, key: DirectionKey) -> tuple[Tensor, Tensor]:
+        """``(U, V)`` of a 2-D weight in float32, exactly as the in-place passes regenerate them."""
+        u = self._factor(param.shape[0], key.seed_for(index, U_SALT), param)
+        v_seed = derive_seed(key.run_seed, self.period(key.step), index, V_SALT)
+        return u, self._factor(param.shape[1], v_seed, param)
+
+    def u_factor(self, param: Tensor, index: int, key: DirectionKey) -> Tensor:
+        """``U`` (``m×r``, in ``param``'s dtype) of parameter ``index`` for the step and query of ``key``."""
+        return self._factor(param.shape[0], key.seed_for(index, U_SALT), param).to(param.dtype)
+
+    def v_factor(self, param: Tensor, index: int, run_seed: int, period: int) -> Tensor:
+        """``V`` (``n×r``, in ``param``'s dtype) of parameter ``index`` for lazy period ``period``."""
+        seed = derive_seed(run_seed, period, index, V_SALT)
+        return self._factor(param.shape[1], seed, param).to(param.dtype)
+
+    def sample(self, param: Tensor, index: int, key: DirectionKey) -> Tensor:
+        """``U Vᵀ`` for a 2-D weight (computed in float32, float64 for float64, then cast); dense fused Gaussian otherwise."""
+        if not self.is_matrix(param):
+            return self.dense.sample(param, index, key)
+        u, v = self._factors32(param, index, key)
+        if param.dtype == torch.float64:
+            u, v = u.double(), v.double()
+        return (u @ v.T).to(param.dtype)
+
+
+# ---------------------------------------------------------------------------------------- LOZO
+class FusedLOZO(LOZO):
+    """LOZO on the fused path: 2 forwards + 3 parameter passes per central step, one launch per dtype each.
+
+    The rule of :class:`~lightning_zobi.zo.optim.LOZO` ("Enhancing Zeroth-order Fine-tuning for
+    Language Models with Low-rank Structures", Chen et al., ICLR 2025, arXiv 2410.07698):
+    ``ĝ = g·U Vᵀ / r`` on 2-D weights, ``g·z`` elsewhere, ``θ ← (1 − lr·wd)·θ − lr·ĝ``, on
+    :class:`FusedLowRankDirections`. A central step with one query is::
+
+        θ += εZ  L+ ;  θ −= 2εZ  L- ;  θ ← (1 − lr·wd)(θ + εZ) − lr·(g/r)·Z      (one pass)
+
+    restore, decay and update being one launch with a single direction (two queries per launch
+    when ``queries > 1``). The directions' values differ from :class:`LOZO`'s (Philox, not
+    ``torch.randn``), the algorithm does not.
+
+    Args:
+        rank, nu: as :class:`~lightning_zobi.zo.optim.LOZO` (``rank`` at most 16).
+        rounds, fast_math: see :class:`~lightning_zobi.zo.fused.FusedGaussianDirections`.
+        Others as :class:`~lightning_zobi.zo.optim.ZOOptimizer`.
+
+    Memory: none kept; no factor or direction tensor at any time.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-6,
+        eps: float = 1e-3,
+        weight_decay: float = 0.0,
+        *,
+        rank: int = 2,
+        nu: int = 50,
+        rounds: int = 10,
+        fast_math: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        _reject_directions(type(self).__name__, kwargs)
+        if not HAS_TRITON:
+            raise RuntimeError("FusedLOZO needs Triton (`pip install triton`); use LOZO (the torch path).")
+        directions = FusedLowRankDirections(rank, nu, rounds, fast_math)
+        super().__init__(params, lr, eps, weight_decay, rank=rank, nu=nu, **kwargs)
+        self.directions = directions
+        for p in self._params():
+            FusedLowRankDirections.check(p)
+
+    @property
+    def fused_directions(self) -> FusedLowRankDirections:
+        assert isinstance(self.directions, FusedLowRankDirections)
+        return self.directions
+
+    def _coefficients(self, estimate: Estimate) -> tuple[list[Term], np.ndarray]:
+        """Per-parameter ``α`` of every direction of the step and ``β = 1 − lr·wd`` (restore folded in)."""
+        sizes = [len(group["params"]) for group in self.param_groups]
+        lr = np.repeat([float(group["lr"]) for group in self.param_groups], sizes)
+        wd = np.repeat([float(group["weight_decay"]) for group in self.param_groups], sizes)
+        matrix = np.array([p.dim() == 2 for p in self._params()], dtype=bool)
+        scale = np.where(matrix, 1.0 / self.fused_directions.rank, 1.0)  # LOZO's 1/r on U Vᵀ
+        beta = 1.0 - lr * wd
+        q = len(estimate.keys)
+        coeff: dict[DirectionKey, np.ndarray] = {}
+        if estimate.pending is not None:  # restore first, then decay: β·(θ + scale·Z)
+            key, pending_scale = estimate.pending
+            coeff[key] = beta * pending_scale
+        for key, g in zip(estimate.keys, estimate.projected_grads, strict=True):
+            coeff[key] = coeff.get(key, np.zeros_like(lr)) - lr * scale * (g / q)
+        return list(coeff.items()), beta
+
+    def _update(self, estimate: Estimate) -> None:
+        """Restore, decay and update in ``ceil(terms / 2)`` fused passes (one for a one-query step)."""
+        terms, beta = self._coefficients(estimate)
+        self.fused_directions.apply_(self._params(), terms, beta=beta)
+
+
+__all__ = ["FusedLOZO", "FusedLowRankDirections", "u_seeds", "v_seeds"]
