@@ -9,7 +9,8 @@ synchronised around every step, median reported), with the peak allocated memory
   of the floor ``2·forward + 2·pass``;
 * ``kernel1`` / ``kernel2``: one fused-kernel pass adding one / two Philox directions (``_r7``:
   7 Philox rounds; ``_exact``: libdevice's exact log/sqrt/sin/cos instead of the approximations;
-  ``_w4``: 4 warps per program instead of 8; ``_wide``: Philox products by one 32×32→64 multiply);
+  ``_w8`` / ``_w2``: 8 / 2 warps per program instead of 4; ``_narrow``: Philox products by
+  ``umulhi`` + a low multiply instead of one 32×32→64 multiply);
 * ``zo_torch``: :class:`~lightning_zobi.zo.optim.ZOSGD` on the torch path (3 passes, ``torch.randn``);
 * ``zo_fused3``: :class:`~lightning_zobi.zo.fused.FusedZOSGD`, no look-ahead (3 fused passes);
 * ``zo_fused``: ``FusedZOSGD`` with the model guarded, so the next ``+εz`` is folded (2 passes);
@@ -67,16 +68,16 @@ SHAPES: dict[str, dict[str, Any]] = {
     ),
 }
 KERNELS = {  # name: (directions per pass, Philox rounds, fast math, warps per program, wide multiply)
-    "kernel1": (1, 10, True, 8, False),
-    "kernel2": (2, 10, True, 8, False),
-    "kernel1_r7": (1, 7, True, 8, False),
-    "kernel2_r7": (2, 7, True, 8, False),
-    "kernel1_exact": (1, 10, False, 8, False),
-    "kernel1_w4": (1, 10, True, 4, False),
-    "kernel2_w4": (2, 10, True, 4, False),
-    "kernel1_wide": (1, 10, True, 8, True),
-    "kernel2_wide": (2, 10, True, 8, True),
-    "kernel2_r7_wide": (2, 7, True, 8, True),
+    "kernel1": (1, 10, True, 4, True),
+    "kernel2": (2, 10, True, 4, True),
+    "kernel1_r7": (1, 7, True, 4, True),
+    "kernel2_r7": (2, 7, True, 4, True),
+    "kernel1_exact": (1, 10, False, 4, True),
+    "kernel1_w8": (1, 10, True, 8, True),
+    "kernel2_w8": (2, 10, True, 8, True),
+    "kernel1_w2": (1, 10, True, 2, True),
+    "kernel2_w2": (2, 10, True, 2, True),
+    "kernel2_narrow": (2, 10, True, 4, False),
 }
 FUSED_STEPS = {  # name: (lookahead, Philox rounds)
     "zo_fused3": (False, 10),
@@ -252,9 +253,14 @@ class _Bench:
 
 
 def run_shape(
-    shape: str, variants: list[str], device: torch.device, warmup: int, steps: int
+    shape: str, variants: list[str], device: torch.device, warmup: int, steps: int, repeat: int = 1
 ) -> dict[str, Any]:
-    """Time every variant on one model shape; ratios to 2 × forward and to the forward's peak memory."""
+    """Time every variant on one model shape; ratios to 2 × forward and to the forward's peak memory.
+
+    With ``repeat > 1`` the whole variant sequence runs that many times (interleaved, so slow
+    drifts of the host or the clocks hit every variant alike) and each variant reports the median
+    of its per-round medians (``ms_rounds``).
+    """
     from lightning_zobi.zo.fused import HAS_TRITON
 
     bench = _Bench(shape, device)
@@ -264,23 +270,26 @@ def run_shape(
         "batch": list(bench.batch),
         "dtype": str(bench.dtype),
         "build_s": round(bench.build_s, 1),
+        "repeat": repeat,
         "variants": {},
     }
     res = out["variants"]
-    for name in variants:
-        if name in FUSED_VARIANTS and not HAS_TRITON:
-            res[name] = {"skipped": "no triton"}
-            continue
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        try:
-            res[name] = bench.run(name, warmup, steps)
-        except torch.OutOfMemoryError as err:
-            res[name] = {"oom": str(err).splitlines()[0]}
-        except Exception as err:  # keep timing the other variants; the error is recorded
-            res[name] = {"error": repr(err)[:300]}
-        print(f"  {shape} {name}: {res[name].get('ms', res[name])}", flush=True)
+    for _ in range(repeat):
+        for name in variants:
+            if name in FUSED_VARIANTS and not HAS_TRITON:
+                res[name] = {"skipped": "no triton"}
+                continue
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            try:
+                r = bench.run(name, warmup, steps)
+            except torch.OutOfMemoryError as err:
+                r = {"oom": str(err).splitlines()[0]}
+            except Exception as err:  # keep timing the other variants; the error is recorded
+                r = {"error": repr(err)[:300]}
+            _merge_round(res, name, r)
+            print(f"  {shape} {name}: {r.get('ms', r)}", flush=True)
     fwd = res.get("forward", {}).get("ms")
     fwd_peak = res.get("forward", {}).get("peak_gib")
     for r in res.values():
@@ -295,6 +304,19 @@ def run_shape(
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
+
+
+def _merge_round(res: dict[str, Any], name: str, r: dict[str, Any]) -> None:
+    """Fold one round's timing of ``name`` into ``res``: median of round medians, all samples, max peak."""
+    prev = res.get(name)
+    if prev is None or "ms" not in prev or "ms" not in r:
+        res[name] = dict(r, ms_rounds=[r["ms"]]) if "ms" in r else r
+        return
+    prev["ms_rounds"].append(r["ms"])
+    prev["ms"] = statistics.median(prev["ms_rounds"])
+    prev["ms_min"] = min(prev["ms_min"], r["ms_min"])
+    prev["ms_all"] += r["ms_all"]
+    prev["peak_gib"] = max(prev["peak_gib"], r["peak_gib"])
 
 
 def table(results: dict[str, Any]) -> str:
@@ -327,6 +349,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--repeat", type=int, default=1, help="run the variant sequence this many times")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     shapes = ["tiny"] if args.tiny else [s.strip() for s in args.shapes.split(",") if s.strip()]
@@ -349,6 +372,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
             "warmup": args.warmup,
             "steps": args.steps,
+            "repeat": args.repeat,
             "lr": LR,
             "eps": EPS,
         },
@@ -363,7 +387,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         pass
     for shape in shapes:
         print(f"shape {shape} on {device}", flush=True)
-        results["shapes"][shape] = run_shape(shape, variants, device, args.warmup, args.steps)
+        results["shapes"][shape] = run_shape(shape, variants, device, args.warmup, args.steps, args.repeat)
     if "triton" in results["meta"]:
         from lightning_zobi.zo import fused
 
