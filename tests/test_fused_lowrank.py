@@ -259,3 +259,54 @@ def test_compiled_kernels_match_the_interpreter(fast_math, tol):
     u_cpu, v_cpu = dirs.factors(cpu[0], 0, terms[0][0])
     torch.testing.assert_close(u.cpu(), u_cpu, rtol=tol, atol=tol)
     torch.testing.assert_close(v.cpu(), v_cpu, rtol=tol, atol=tol)
+
+
+def test_a_rejected_compile_option_is_dropped_with_a_warning(monkeypatch):
+    monkeypatch.setattr(flr, "_DROPPED", set())
+    calls = []
+
+    def run(fast: bool, pin: bool) -> str:
+        calls.append((fast, pin))
+        if pin:
+            raise RuntimeError("inline asm rejected")
+        return "ok"
+
+    with pytest.warns(UserWarning, match="'fast'"), pytest.warns(UserWarning, match="'pin'"):
+        assert flr._launch_with_fallback(run, fast=True, pin=True) == "ok"
+    assert calls == [(True, True), (False, True), (False, False)]
+    assert flr._launch_with_fallback(run, fast=True, pin=True) == "ok"  # not tried again
+    assert calls[-1] == (False, False)
+    with pytest.raises(RuntimeError, match="rejected"):
+        flr._launch_with_fallback(lambda pin: run(True, True), pin=False)
+
+
+def test_tile_kernel_compiles_for_sm90_without_a_gpu():
+    """The compiled path (fast math, pinned factors, alignment hints) lowers to a cubin with 16-byte accesses.
+
+    The CPU tests run the interpreter, which never sees the inline PTX or the compiler's layouts;
+    this builds the CUDA kernel with Triton's bundled toolchain (no GPU needed).
+    """
+    compiler = pytest.importorskip("triton.compiler")
+    backends = pytest.importorskip("triton.backends.compiler")
+    import triton
+    import triton.language as tl
+
+    const = dict(
+        NSTREAM=2, SHARED_V=False, RANK=5, F64=False, CDT=tl.float32, CONTIG=True, ALIGNED=True,
+        RNE_BF16=False, FAST=True, PIN=True, WIDE=flr.WIDE_MUL, ROUNDS=10, TILE_M=flr.TILE_M, TILE_N=flr.TILE_N,
+    )  # fmt: skip
+    sig = {"x0_ptr": "*bf16", "tile_tensor_ptr": "*i32", "meta_ptr": "*i64", "scal_ptr": "*i64"}
+    sig.update(dict.fromkeys(const, "constexpr"))
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(4)}
+    src = compiler.ASTSource(triton.jit(flr._zo_lowrank_src), sig, const, attrs)
+    try:
+        kernel = triton.compile(src, target=backends.GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    except (ImportError, FileNotFoundError, RuntimeError) as err:  # no NVIDIA toolchain in this Triton
+        if "ptxas" in str(err) or isinstance(err, (ImportError, FileNotFoundError)):
+            pytest.skip(f"no CUDA toolchain: {err}")
+        raise
+    ptx = kernel.asm["ptx"]
+    assert "ld.global.v4" in ptx and "st.global.v4" in ptx  # vectorised loads and stores
+    # pinned factors: only the U and V vectors go through shared memory, never the float32 tile
+    # (unpinned, this configuration moves the whole 32 KiB accumulator through shared memory)
+    assert kernel.asm["cubin"] and kernel.metadata.shared < 4 * flr.TILE_M * flr.TILE_N // 4

@@ -28,11 +28,14 @@ CUDA.
 
 Cost of a tile: ``NSTREAM·ceil(r/4)·(TILE_M + TILE_N)`` Philox blocks (192 for one stream at
 r ≤ 4 with the default 64×128 tile: one per 43 elements, where the dense fused pass needs one
-per 8; the compiled kernel may repeat some across the threads sharing a row or column) and ``r``
-multiply-adds per element per stream. Two streams that share ``V`` (two queries of one lazy
-period) are summed in the factor space, ``(α_a·u_a + α_b·u_b)·vᵀ``: ``r`` multiply-adds per
-element and one ``V`` regeneration for both. The arithmetic grows with ``r``, so at large ranks
-the pass may turn compute-bound; the compiled kernel's speed has not been measured yet.
+per 8) and ``r`` multiply-adds per element per stream. Two streams that share ``V`` (two
+queries of one lazy period) are summed in the factor space, ``(α_a·u_a + α_b·u_b)·vᵀ``: ``r``
+multiply-adds per element and one ``V`` for both. On CUDA the factor vectors are "pinned"
+(:func:`_pin_src`) so that each entry is drawn by one thread and shared through a few KiB of
+shared memory. Static SASS counts (Triton 3.9, sm_90, bf16, one stream): 12, 14, 18, 25 and 40
+instructions per element at r = 1, 2, 4, 8, 16, no spills; an H200 streams bf16 at roughly 28
+per element, so up to r ≈ 8 a pass should stay memory-bound. The compiled kernel's speed has not
+been measured yet (these numbers come from compiling without a GPU).
 
 Memory: no factor and no direction tensor; per pass a table of 11 int64 per weight, and a cached
 map of one int32 per tile (``1/8192`` of the weight's elements).
@@ -68,10 +71,10 @@ else:  # pragma: no cover - exercised on machines without triton
     tl = None  # type: ignore[assignment]
 
 TILE_M = 64
-"""Rows per program (a speed knob only: the values do not depend on it)."""
+"""Rows per program, half for float64 (a speed knob only: the values do not depend on it)."""
 TILE_N = 128
 """Columns per program (a speed knob only)."""
-NUM_WARPS = 8
+NUM_WARPS = 4
 """Warps per program of the tile kernel (a speed knob only)."""
 WIDE_MUL = True
 """Philox products through one 32×32→64 multiply (a speed knob only: the same values)."""
@@ -82,10 +85,9 @@ U_SALT = 0x55
 V_SALT = 0x56
 _MASK32 = 0xFFFFFFFF
 _MAX_DIM = 2**31 - 1
-_META = 7  # per weight: offset, rows, cols, row stride, col stride, first tile, tiles per row
 _SCAL = 11  # per weight: (U lo, U hi, V lo, V hi) × 2 streams, α_0, α_1, β
-_FAST_OK = True
-_ALIGNED_OK = True
+_DROPPED: set[str] = set()
+"""Compile options Triton rejected once on this machine (``fast``, ``pin``, ``aligned``): not tried again."""
 
 
 # ---------------------------------------------------------------------------------------- kernels
@@ -104,6 +106,24 @@ def _pick_src(W: tl.constexpr, a0, a1, a2, a3):
 _pick = _DeviceFunction(_pick_src) if HAS_TRITON else None
 
 
+def _pin_src(x, PIN: tl.constexpr):
+    """``x`` unchanged; with ``PIN`` (CUDA only) through an opaque move Triton's layout pass cannot duplicate.
+
+    Without it Triton's layout pass either recomputes every factor entry in each thread holding its
+    row or column of the tile (Philox repeated 8-16×) or moves the whole float32 tile through
+    shared memory. A pinned factor is drawn once, spread over the program's threads, and only the
+    ``U`` and ``V`` vectors go through shared memory: static SASS counts for sm_90 (bf16, 64×128
+    tile, 4 warps) drop from 24 to 14 instructions per element at r = 2 and from 43 (with
+    register spills) to 25 at r = 8.
+    """
+    if PIN:
+        x = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=False, pack=1)
+    return x
+
+
+_pin = _DeviceFunction(_pin_src) if HAS_TRITON else None
+
+
 def _zo_lowrank_src(
     x0_ptr,
     tile_tensor_ptr,
@@ -118,6 +138,7 @@ def _zo_lowrank_src(
     ALIGNED: tl.constexpr,
     RNE_BF16: tl.constexpr,
     FAST: tl.constexpr,
+    PIN: tl.constexpr,
     WIDE: tl.constexpr,
     ROUNDS: tl.constexpr,
     TILE_M: tl.constexpr,
@@ -144,6 +165,7 @@ def _zo_lowrank_src(
     if ALIGNED:
         base = tl.multiple_of(base, 8)
         s0 = tl.multiple_of(s0, 8)
+        n = tl.multiple_of(n, 8)
     rows = (tile // per_row) * TILE_M + tl.arange(0, TILE_M)
     cols = (tile % per_row) * TILE_N + tl.arange(0, TILE_N)
     ru = rows.to(tl.uint32)
@@ -178,16 +200,16 @@ def _zo_lowrank_src(
                 q0, q1, q2, q3 = philox_normals(cu, gv, vb0, vb1, ROUNDS, FAST, WIDE)
         for w in tl.static_range(4):
             if 4 * g + w < RANK:
-                ua = alpha_a * _pick(w, a0, a1, a2, a3).to(CDT)
-                va = _pick(w, p0, p1, p2, p3).to(CDT)
+                ua = alpha_a * _pin(_pick(w, a0, a1, a2, a3), PIN).to(CDT)
+                va = _pin(_pick(w, p0, p1, p2, p3), PIN).to(CDT)
                 if NSTREAM == 1:
                     acc += ua[:, None] * va[None, :]
                 elif SHARED_V:
-                    ub = alpha_b * _pick(w, b0, b1, b2, b3).to(CDT)
+                    ub = alpha_b * _pin(_pick(w, b0, b1, b2, b3), PIN).to(CDT)
                     acc += (ua + ub)[:, None] * va[None, :]
                 else:
-                    ub = alpha_b * _pick(w, b0, b1, b2, b3).to(CDT)
-                    vb = _pick(w, q0, q1, q2, q3).to(CDT)
+                    ub = alpha_b * _pin(_pick(w, b0, b1, b2, b3), PIN).to(CDT)
+                    vb = _pin(_pick(w, q0, q1, q2, q3), PIN).to(CDT)
                     acc += ua[:, None] * va[None, :] + ub[:, None] * vb[None, :]
     if CONTIG:
         offs = base + rows[:, None] * s0 + cols[None, :]
@@ -247,26 +269,23 @@ def _kernel(name: str, device: torch.device) -> Any:
     return _KERNELS[name, kind]
 
 
-def _launch_with_fallback(run: Any, fast: bool, aligned: bool) -> Any:
-    """``run(fast, aligned)``, dropping fast math then the alignment hints (once, with a warning) if Triton rejects them."""
-    global _FAST_OK, _ALIGNED_OK
-    fast, aligned = fast and _FAST_OK, aligned and _ALIGNED_OK
+def _launch_with_fallback(run: Any, **options: bool) -> Any:
+    """``run(**options)``; an option Triton rejects (fast math, pinning, alignment hints) is dropped, with a warning.
+
+    The options are speed knobs of the compiled kernel only (the interpreter gets them all off),
+    so dropping one never changes the directions beyond fast math's ~1e-6.
+    """
+    options = {name: on and name not in _DROPPED for name, on in options.items()}
     while True:
         try:
-            return run(fast, aligned)
+            return run(**options)
         except Exception as err:
-            if fast:
-                warnings.warn(
-                    f"fused LOZO kernel: fast math failed ({err!r}); using exact math.", stacklevel=3
-                )
-                _FAST_OK = fast = False
-            elif aligned:
-                warnings.warn(
-                    f"fused LOZO kernel: alignment hints rejected ({err!r}); dropped.", stacklevel=3
-                )
-                _ALIGNED_OK = aligned = False
-            else:
+            name = next((n for n, on in options.items() if on), None)
+            if name is None:
                 raise
+            warnings.warn(f"fused LOZO kernel: option {name!r} failed ({err!r}); dropped.", stacklevel=3)
+            _DROPPED.add(name)
+            options[name] = False
 
 
 # ---------------------------------------------------------------------------------------- seeds
@@ -305,6 +324,9 @@ class _TileGroup:
         x0 = tensors[0]
         self.device, self.dtype, self.tensors, self.x0 = x0.device, x0.dtype, tensors, x0
         esize = x0.element_size()
+        # float64 tiles are half as tall: the same registers per thread (no spills on sm_90)
+        self.tile_m = max(1, TILE_M // 2) if x0.dtype == torch.float64 else TILE_M
+        self.tile_n = TILE_N
         rows, first = [], 0
         tiles = []
         for t in tensors:
@@ -312,14 +334,16 @@ class _TileGroup:
             if delta % esize:
                 raise AssertionError("tensors of one dtype must be element-aligned")
             m, n = t.shape
-            per_row = -(-n // TILE_N)
-            count = -(-m // TILE_M) * per_row
+            per_row = -(-n // self.tile_n)
+            count = -(-m // self.tile_m) * per_row
             rows.append([delta // esize, m, n, t.stride(0), t.stride(1), first, per_row])
             tiles.append(count)
             first += count
         self.num_tiles = first
         self.contiguous = all(r[4] == 1 for r in rows)
-        self.aligned = self.contiguous and all(r[0] % 8 == 0 and r[3] % 8 == 0 for r in rows)
+        self.aligned = self.contiguous and all(
+            r[0] % 8 == 0 and r[2] % 8 == 0 and r[3] % 8 == 0 for r in rows
+        )
         meta = torch.tensor(rows, dtype=torch.int64)
         tile_tensor = torch.repeat_interleave(
             torch.arange(len(tensors), dtype=torch.int32), torch.tensor(tiles, dtype=torch.int64)
@@ -334,7 +358,7 @@ class _TileGroup:
         scal_t = host.pin_memory().to(self.device, non_blocking=True) if on_cuda else host
         kernel = _kernel("tiles", self.device)
 
-        def run(fast: bool, aligned: bool) -> Any:
+        def run(fast: bool, pin: bool, aligned: bool) -> Any:
             return kernel[(self.num_tiles,)](
                 self.x0,
                 self.tile_tensor,
@@ -349,14 +373,15 @@ class _TileGroup:
                 ALIGNED=aligned,
                 RNE_BF16=self.dtype == torch.bfloat16 and not on_cuda,
                 FAST=fast,
+                PIN=pin,
                 WIDE=WIDE_MUL,
                 ROUNDS=rounds,
-                TILE_M=TILE_M,
-                TILE_N=TILE_N,
+                TILE_M=self.tile_m,
+                TILE_N=self.tile_n,
                 num_warps=NUM_WARPS,
             )
 
-        return _launch_with_fallback(run, fast and on_cuda, self.aligned)
+        return _launch_with_fallback(run, fast=fast and on_cuda, pin=on_cuda, aligned=self.aligned)
 
 
 class _LowRankPlan:
@@ -533,7 +558,7 @@ class FusedLowRankDirections(LowRankDirections):
         kernel = _kernel("factor", like.device)
         grid = (-(-rows // FACTOR_ROWS),)
 
-        def run(fast: bool, aligned: bool) -> Any:
+        def run(fast: bool) -> Any:
             return kernel[grid](
                 out,
                 seeds,
@@ -545,7 +570,7 @@ class FusedLowRankDirections(LowRankDirections):
                 ROWS=FACTOR_ROWS,
             )
 
-        _launch_with_fallback(run, self.fast_math and like.device.type == "cuda", False)
+        _launch_with_fallback(run, fast=self.fast_math and like.device.type == "cuda")
         return out
 
     def _factors32(self, param: Tensor, index: int, key: DirectionKey) -> tuple[Tensor, Tensor]:
