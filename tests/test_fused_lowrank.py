@@ -79,7 +79,10 @@ def test_lazy_v_is_shared_within_a_period_and_u_is_fresh_per_step_and_query():
 
 
 def _mixed_params(dtype: torch.dtype) -> list[torch.Tensor]:
-    """Weights with edge tiles (not multiples of 64×128), a transposed (strided) weight, a bias, a 3-D tensor."""
+    """Weights with edge tiles (not multiples of the tile), a transposed (strided) weight, a bias, a 3-D tensor.
+
+    Three launch groups of 2-D weights: unaligned contiguous, strided, 8-aligned contiguous.
+    """
     gen = torch.Generator().manual_seed(0)
     base = torch.randn(130, 9, generator=gen, dtype=dtype)
     return [
@@ -89,6 +92,7 @@ def _mixed_params(dtype: torch.dtype) -> list[torch.Tensor]:
         base.T,  # 9×130, column stride 9: the non-contiguous launch group
         torch.randn(1, 129, generator=gen, dtype=dtype),
         torch.randn(2, 3, 4, generator=gen, dtype=dtype),
+        torch.randn(40, 136, generator=gen, dtype=dtype),  # 8-aligned rows: the vector-load launch group
     ]
 
 
@@ -130,7 +134,7 @@ def test_tile_size_changes_no_value(monkeypatch):
 def test_perturb_then_unperturb_returns_theta(dtype):
     """+εZ then −εZ: float64 to 1e-12; otherwise within two roundings, |Δ| ≤ 3u(|θ| + ε|Z|) per entry."""
     dirs = FusedLowRankDirections(rank=2, nu=5)
-    params = [p for i, p in enumerate(_mixed_params(dtype)) if i in (0, 1, 2)]
+    params = [p for i, p in enumerate(_mixed_params(dtype)) if i in (0, 1, 2, 6)]
     before = [p.clone() for p in params]
     key, eps = DirectionKey(3, 9, 0), 1e-3
     dirs.perturb_(params, key, eps)

@@ -317,18 +317,30 @@ def _f64_bits(values: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------- launch
+def _aligned(p: Tensor) -> bool:
+    """True when 16-byte vector accesses fit every row of ``p`` (8-element aligned start, columns and row stride)."""
+    return (
+        p.stride(1) == 1
+        and p.shape[1] % 8 == 0
+        and p.stride(0) % 8 == 0
+        and p.data_ptr() % (8 * p.element_size()) == 0
+    )
+
+
 class _TileGroup:
     """Static launch data of same-device, same-dtype 2-D tensors: per-tensor geometry and tile map."""
 
     def __init__(self, tensors: list[Tensor]) -> None:
         x0 = tensors[0]
         self.device, self.dtype, self.tensors, self.x0 = x0.device, x0.dtype, tensors, x0
+        self.contiguous = all(t.stride(1) == 1 for t in tensors)
+        self.aligned = all(_aligned(t) for t in tensors)
+        # half-height tiles where a thread holds more registers (float64) or loads element by
+        # element (unaligned): they keep the kernel free of register spills on sm_90
+        half = self.dtype == torch.float64 or not self.aligned
+        self.tile_m, self.tile_n = (max(1, TILE_M // 2) if half else TILE_M), TILE_N
         esize = x0.element_size()
-        # float64 tiles are half as tall: the same registers per thread (no spills on sm_90)
-        self.tile_m = max(1, TILE_M // 2) if x0.dtype == torch.float64 else TILE_M
-        self.tile_n = TILE_N
-        rows, first = [], 0
-        tiles = []
+        rows, tiles, first = [], [], 0
         for t in tensors:
             delta = t.data_ptr() - x0.data_ptr()
             if delta % esize:
@@ -340,10 +352,6 @@ class _TileGroup:
             tiles.append(count)
             first += count
         self.num_tiles = first
-        self.contiguous = all(r[4] == 1 for r in rows)
-        self.aligned = self.contiguous and all(
-            r[0] % 8 == 0 and r[2] % 8 == 0 and r[3] % 8 == 0 for r in rows
-        )
         meta = torch.tensor(rows, dtype=torch.int64)
         tile_tensor = torch.repeat_interleave(
             torch.arange(len(tensors), dtype=torch.int32), torch.tensor(tiles, dtype=torch.int64)
@@ -385,7 +393,10 @@ class _TileGroup:
 
 
 class _LowRankPlan:
-    """How a parameter list is launched: 2-D weights grouped by (device, dtype, contiguous columns); the rest."""
+    """How a parameter list is launched: 2-D weights grouped by (device, dtype, unit column stride, alignment); the rest.
+
+    An odd-shaped weight (say a 768×2 head) thus never takes the vector loads away from the others.
+    """
 
     def __init__(self, params: list[Tensor], key: tuple) -> None:
         self.key = key
@@ -396,7 +407,7 @@ class _LowRankPlan:
             if not LowRankDirections.is_matrix(p):
                 dense.append(pos)
             elif p.numel():
-                buckets.setdefault((p.device, p.dtype, p.stride(1) == 1), []).append(pos)
+                buckets.setdefault((p.device, p.dtype, p.stride(1) == 1, _aligned(p)), []).append(pos)
         self.groups = [(np.asarray(pos), _TileGroup([params[i] for i in pos])) for pos in buckets.values()]
         self.dense = np.asarray(dense, dtype=np.int64)
 
