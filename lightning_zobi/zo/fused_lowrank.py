@@ -5,9 +5,10 @@ al., ICLR 2025, arXiv 2410.07698) perturbs every ``m×n`` weight along ``U Vᵀ`
 fresh per step and query and ``V`` (``n×r``) fresh per lazy period of ``nu`` steps. The torch path
 (:class:`~lightning_zobi.zo.directions.LowRankDirections`) draws both factors with ``torch.randn``
 and adds them with one ``addmm_`` per weight: two random launches, a GEMM and its bookkeeping for
-every weight of every pass. Here one Triton launch per pass (per dtype) covers *all* 2-D weights:
-each program owns one ``TILE_M×TILE_N`` tile of one weight, regenerates the ``TILE_M·r`` entries of
-``U`` and the ``TILE_N·r`` entries of ``V`` it needs from Philox in registers, and computes
+every weight of every pass. Here one Triton launch per pass covers *all* 2-D weights of a dtype
+(split only by alignment and column stride, which change the compiled code): each program owns
+one ``TILE_M×TILE_N`` tile of one weight, regenerates the ``TILE_M·r`` entries of ``U`` and the
+``TILE_N·r`` entries of ``V`` it needs from Philox in registers, and computes
 ``θ ← β·θ + Σ_s α_s·U_s V_sᵀ`` (up to two directions ``s`` per pass) as ``r`` broadcast outer
 products, so ``U``, ``V`` and ``Z`` never exist in memory and a pass is one read and one write of
 the weights. Non-matrix parameters take :class:`~lightning_zobi.zo.fused.FusedGaussianDirections`'
@@ -611,7 +612,7 @@ class FusedLowRankDirections(LowRankDirections):
 
 # ---------------------------------------------------------------------------------------- LOZO
 class FusedLOZO(LOZO):
-    """LOZO on the fused path: 2 forwards + 3 parameter passes per central step, one launch per dtype each.
+    """LOZO on the fused path: 2 forwards + 3 parameter passes per central step, each a few launches.
 
     The rule of :class:`~lightning_zobi.zo.optim.LOZO` ("Enhancing Zeroth-order Fine-tuning for
     Language Models with Low-rank Structures", Chen et al., ICLR 2025, arXiv 2410.07698):
@@ -620,8 +621,10 @@ class FusedLOZO(LOZO):
 
         θ += εZ  L+ ;  θ −= 2εZ  L- ;  θ ← (1 − lr·wd)(θ + εZ) − lr·(g/r)·Z      (one pass)
 
-    restore, decay and update being one launch with a single direction (two queries per launch
-    when ``queries > 1``). The directions' values differ from :class:`LOZO`'s (Philox, not
+    restore, decay and update being one pass with a single direction (two directions per pass
+    when ``queries > 1``). A pass is one tile launch per group of 2-D weights (per dtype, split by
+    alignment and column stride) plus one dense launch per dtype for the other parameters; no
+    Python loop over parameters launches anything. The directions' values differ from :class:`LOZO`'s (Philox, not
     ``torch.randn``), the algorithm does not.
 
     Args:
