@@ -243,6 +243,9 @@ def test_bad_input_errors():
         FusedLOZO([torch.zeros(3, 3, dtype=torch.int64)])
     with pytest.raises(TypeError, match="directions"):
         FusedLOZO(model.parameters(), directions=FusedLowRankDirections())
+    with pytest.raises(ValueError, match="lookahead"):
+        FusedLOZO(model.parameters(), lookahead=True)
+    assert FusedLOZO(model.parameters(), lookahead=None).fused_directions.rank == 2
     with pytest.raises(ValueError, match="one index per parameter"):
         FusedLowRankDirections().apply_([torch.zeros(2, 2)], [(DirectionKey(0, 0, 0), 1.0)], indices=[0, 1])
 

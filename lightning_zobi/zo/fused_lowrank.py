@@ -630,6 +630,8 @@ class FusedLOZO(LOZO):
     Args:
         rank, nu: as :class:`~lightning_zobi.zo.optim.LOZO` (``rank`` at most 16).
         rounds, fast_math: see :class:`~lightning_zobi.zo.fused.FusedGaussianDirections`.
+        lookahead: accepted (``None``/``False``) so that one fused recipe fits both rules; there is
+            no look-ahead fold here, the weights are clean after every step.
         Others as :class:`~lightning_zobi.zo.optim.ZOOptimizer`.
 
     Memory: none kept; no factor or direction tensor at any time.
@@ -646,9 +648,15 @@ class FusedLOZO(LOZO):
         nu: int = 50,
         rounds: int = 10,
         fast_math: bool = True,
+        lookahead: bool | None = None,
         **kwargs: Any,
     ) -> None:
         _reject_directions(type(self).__name__, kwargs)
+        if lookahead:
+            raise ValueError(
+                "FusedLOZO does not fold the next step's perturbation into its update (lookahead=True is "
+                "FusedZOSGD's); pass lookahead=None or False."
+            )
         if not HAS_TRITON:
             raise RuntimeError("FusedLOZO needs Triton (`pip install triton`); use LOZO (the torch path).")
         directions = FusedLowRankDirections(rank, nu, rounds, fast_math)
