@@ -32,9 +32,15 @@ def _z32(dirs: FusedGaussianDirections, p: torch.Tensor, index: int, key: Direct
 
 
 def test_tensor_seeds_match_derive_seed():
+    from lightning_zobi.zo.directions import derive_seed
+    from lightning_zobi.zo.fused import derive_seeds
+
     key = DirectionKey(11, 42, 3)
     idx = [0, 1, 7, 300, 2**40]
     assert [int(s) for s in tensor_seeds(key, idx)] == [key.seed_for(i) for i in idx]
+    assert [int(s) for s in derive_seeds((5, 9), idx, 0x56, 2**64 - 1)] == [
+        derive_seed(5, 9, i, 0x56, 2**64 - 1) for i in idx
+    ]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -197,6 +203,11 @@ def test_switch_and_errors():
     assert type(build_optimizer("zo_sgd", model.parameters(), fused=False)) is ZOSGD
     # fused-only options are accepted (and ignored) on the torch path, so one recipe fits both
     assert type(build_optimizer("zo_sgd", model.parameters(), rounds=7, lookahead=True)) is ZOSGD
+    assert (
+        type(build_optimizer("zo_sgd", model.parameters(), fused=False, rounds=7, fast_math=False)) is ZOSGD
+    )
+    with pytest.raises(TypeError, match="rounds"):  # a rule without a fused path takes no fused knobs
+        build_optimizer("zo_adam", model.parameters(), fused=False, rounds=7)
     opt = build_optimizer("zo_sgd", model.parameters(), fused=True, rounds=7, lookahead=False)
     assert opt.fused_directions.rounds == 7 and opt.lookahead is False
     with pytest.raises(ValueError, match="zo_sgd"):

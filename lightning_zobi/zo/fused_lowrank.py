@@ -44,7 +44,6 @@ map of one int32 per tile (``1/8192`` of the weight's elements).
 
 from __future__ import annotations
 
-import functools
 import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -60,6 +59,7 @@ from lightning_zobi.zo.fused import (
     SUPPORTED_DTYPES,
     FusedGaussianDirections,
     _DeviceFunction,
+    derive_seeds,
     philox_normals,
 )
 from lightning_zobi.zo.optim import LOZO, _reject_directions
@@ -290,22 +290,14 @@ def _launch_with_fallback(run: Any, **options: bool) -> Any:
 
 
 # ---------------------------------------------------------------------------------------- seeds
-@functools.lru_cache(maxsize=256)
-def _salted_seeds(prefix: tuple[int, ...], indices: tuple[int, ...], salt: int) -> np.ndarray:
-    """``derive_seed(*prefix, i, salt)`` for every ``i`` (uint64), cached: a step reuses its keys 3 times."""
-    out = np.array([derive_seed(*prefix, i, salt) for i in indices], dtype=np.uint64)
-    out.setflags(write=False)
-    return out
-
-
 def u_seeds(key: DirectionKey, indices: Sequence[int]) -> np.ndarray:
     """Seeds of ``U`` for parameters ``indices`` under ``key``: ``key.seed_for(i, 0x55)``, as the torch path."""
-    return _salted_seeds((key.run_seed, key.step, key.query), tuple(int(i) for i in indices), U_SALT)
+    return derive_seeds((key.run_seed, key.step, key.query), indices, U_SALT)
 
 
 def v_seeds(run_seed: int, period: int, indices: Sequence[int]) -> np.ndarray:
     """Seeds of ``V`` for lazy period ``period``: ``derive_seed(run, period, i, 0x56)``, as the torch path."""
-    return _salted_seeds((run_seed, period), tuple(int(i) for i in indices), V_SALT)
+    return derive_seeds((run_seed, period), indices, V_SALT)
 
 
 def _split(seeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

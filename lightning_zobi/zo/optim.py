@@ -264,6 +264,12 @@ OPTIMIZERS: dict[str, type[ZOOptimizer]] = {
 """Rule names accepted by ``ZeroOrder(optimizer=...)`` and recipes."""
 
 
+FUSED_RULES = ("zo_sgd", "lozo")
+"""Rules with a fused CUDA path (``zo/fused.py``, ``zo/fused_lowrank.py``)."""
+FUSED_ONLY_KWARGS = ("lookahead", "rounds", "fast_math")
+"""Arguments only the fused classes take; the torch path of a fused rule drops them."""
+
+
 def build_optimizer(
     name: str, params: Iterable[Any], *, fused: bool | None = None, **kwargs: Any
 ) -> ZOOptimizer:
@@ -282,6 +288,8 @@ def build_optimizer(
         from lightning_zobi.zo.fused import select_optimizer  # lazy: Triton is imported only when asked
 
         cls, params = select_optimizer(cls, params, fused)
+    elif name in FUSED_RULES:  # the torch path ignores the fused-only knobs, so one recipe fits both
+        kwargs = {k: v for k, v in kwargs.items() if k not in FUSED_ONLY_KWARGS}
     return cls(params, **kwargs)
 
 
