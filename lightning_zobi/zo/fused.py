@@ -26,10 +26,10 @@ path mid-run changes the directions (not the algorithm); within a path they are 
 On CPU the same kernel runs in Triton's interpreter (slow, for tests); ``fused=None`` picks the
 fused path only for CUDA parameters.
 
-Speed (H200, bf16, ``benchmarks/zo_step.py``): a one-direction pass runs at the speed of a plain
-read+write pass; a two-direction pass is compute-bound (~1.8× a pass at 10 rounds, ~1.45× at 7).
-A Llama-7B-shaped step takes 1.26× two forwards (1.22× at ``rounds=7``) against 1.66× on the torch
-path and 2.48× for a MeZO-style loop; see ``benchmarks/RESULTS.md``.
+Speed (H200, bf16, ``benchmarks/zo_step.py``): a one-direction pass is faster than a plain
+read+write pass (7.5 vs 9.5 ms over 6.7 B parameters), a two-direction pass 1.2× one (11.7 ms). A
+Llama-7B-shaped step takes 1.17× two forwards (the floor of 2 forwards + 2 passes is 1.16×) against
+1.66× on the torch path and 2.50× for a MeZO-style loop; see ``benchmarks/RESULTS.md``.
 
 Memory: no direction tensor at all; per pass a table of 7 int64 per tensor, and a cached map of
 one int32 per 4096 parameter elements (0.05 % of the parameter bytes in bf16).
