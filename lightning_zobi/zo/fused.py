@@ -424,8 +424,59 @@ class _Plan:
                 yield sel, _Group([self._params[i].contiguous() for i in pos]), pos
 
 
-def _f64_bits(values: np.ndarray) -> np.ndarray:
+def f64_bits(values: np.ndarray) -> np.ndarray:
+    """Float64 values as their int64 bit patterns (the kernels' coefficient tables bitcast them back)."""
     return np.ascontiguousarray(values, dtype=np.float64).view(np.int64)
+
+
+def split_seeds(seeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Low and high 32-bit words of uint64 seeds, as int64 (a Philox key)."""
+    return (seeds & np.uint64(_MASK32)).astype(np.int64), (seeds >> np.uint64(32)).astype(np.int64)
+
+
+def prepare_terms(
+    n: int, terms: Sequence[Term], beta: float | Sequence[float], indices: Sequence[int] | None
+) -> tuple[np.ndarray, np.ndarray, list[tuple[DirectionKey, np.ndarray]]]:
+    """``(indices, β per parameter, [(key, α per parameter)])`` of an ``apply_`` over ``n`` parameters.
+
+    A float or one float per parameter is accepted for ``α`` and ``β``; no term becomes one zero
+    term, so ``β`` alone still makes a pass.
+    """
+    idx = np.arange(n, dtype=np.int64) if indices is None else np.asarray(list(indices), dtype=np.int64)
+    if idx.shape != (n,):
+        raise ValueError(f"indices has {idx.size} entries for {n} parameters; give one index per parameter.")
+
+    def per_param(v: float | Sequence[float]) -> np.ndarray:
+        return np.ascontiguousarray(np.broadcast_to(np.asarray(v, dtype=np.float64), (n,)))
+
+    prepared = [(key, per_param(alpha)) for key, alpha in terms] or [(DirectionKey(0, 0, 0), np.zeros(n))]
+    return idx, per_param(beta), prepared
+
+
+class PlanCache:
+    """Launch plans of parameter lists, keyed by the tensors' identities and rebuilt when ``check`` changes.
+
+    ``check`` is whatever invalidates a plan (data pointers; shapes and strides): a plan holds
+    offsets into the tensors' storage, so it must not outlive a move.
+    """
+
+    def __init__(self, limit: int = 16) -> None:
+        self.limit = limit
+        self._plans: dict[tuple, tuple[Any, Any]] = {}
+
+    def get(self, params: Sequence[Tensor], check: Any, build: Callable[[], Any]) -> Any:
+        ids = tuple(map(id, params))
+        hit = self._plans.get(ids)
+        if hit is not None and hit[0] == check:
+            return hit[1]
+        if len(self._plans) >= self.limit:
+            self._plans.clear()
+        plan = build()
+        self._plans[ids] = (check, plan)
+        return plan
+
+
+Term = tuple[DirectionKey, "float | Sequence[float]"]
 
 
 def _launch(
@@ -443,14 +494,12 @@ def _launch(
     """Launch the kernel over ``group`` (per-tensor seeds and coefficients); returns Triton's launch result."""
     n = len(seeds_a)
     scal = np.zeros((n, 7), dtype=np.int64)
-    scal[:, 0] = (seeds_a & np.uint64(_MASK32)).astype(np.int64)
-    scal[:, 1] = (seeds_a >> np.uint64(32)).astype(np.int64)
+    scal[:, 0], scal[:, 1] = split_seeds(seeds_a)
     if seeds_b is not None:
-        scal[:, 2] = (seeds_b & np.uint64(_MASK32)).astype(np.int64)
-        scal[:, 3] = (seeds_b >> np.uint64(32)).astype(np.int64)
-        scal[:, 5] = _f64_bits(alpha_b)
-    scal[:, 4] = _f64_bits(alpha_a)
-    scal[:, 6] = _f64_bits(beta)
+        scal[:, 2], scal[:, 3] = split_seeds(seeds_b)
+        scal[:, 5] = f64_bits(alpha_b)
+    scal[:, 4] = f64_bits(alpha_a)
+    scal[:, 6] = f64_bits(beta)
     host = torch.from_numpy(scal)
     if group.device.type == "cuda":  # pinned + async: no host-device synchronisation per pass
         scal_t = host.pin_memory().to(group.device, non_blocking=True)
@@ -491,9 +540,6 @@ def _launch(
                 raise
 
 
-Term = tuple[DirectionKey, "float | Sequence[float]"]
-
-
 class FusedGaussianDirections(Directions):
     """Dense N(0, I) directions drawn by a fused Philox Triton kernel and applied in place.
 
@@ -528,7 +574,7 @@ class FusedGaussianDirections(Directions):
             )
         self.rounds = rounds
         self.fast_math = bool(fast_math)
-        self._plans: dict[tuple, _Plan] = {}
+        self._plans = PlanCache()
         self.preapplied: tuple[DirectionKey, float] | None = None
 
     FORMAT = 2
@@ -554,14 +600,8 @@ class FusedGaussianDirections(Directions):
     # ------------------------------------------------------------------ launch plans
     def _plan(self, params: list[Tensor]) -> _Plan:
         """Buckets by (device, dtype) with their cached launch groups; rebuilt if storage moved."""
-        ids = tuple(map(id, params))
         ptrs = [p.data_ptr() for p in params]
-        plan = self._plans.get(ids)
-        if plan is None or plan.ptrs != ptrs:
-            if len(self._plans) > 16:
-                self._plans.clear()
-            plan = self._plans[ids] = _Plan(params, ptrs)
-        return plan
+        return self._plans.get(params, ptrs, lambda: _Plan(params, ptrs))
 
     @staticmethod
     def _check(param: Tensor) -> None:
@@ -590,14 +630,7 @@ class FusedGaussianDirections(Directions):
         params = list(params)
         if not params:
             return
-        n = len(params)
-        idx = np.arange(n) if indices is None else np.asarray(list(indices), dtype=np.int64)
-
-        def per_param(v: float | Sequence[float]) -> np.ndarray:
-            return np.ascontiguousarray(np.broadcast_to(np.asarray(v, dtype=np.float64), (n,)))
-
-        betas = per_param(beta)
-        prepared = [(key, per_param(alpha)) for key, alpha in terms] or [(DirectionKey(0, 0, 0), np.zeros(n))]
+        idx, betas, prepared = prepare_terms(len(params), terms, beta, indices)
         seeds = [tensor_seeds(key, idx) for key, _ in prepared]
         with torch.no_grad():
             for sel, group, positions in self._plan(params).buckets():

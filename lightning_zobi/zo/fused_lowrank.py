@@ -60,9 +60,14 @@ from lightning_zobi.zo.fused import (
     HAS_TRITON,
     SUPPORTED_DTYPES,
     FusedGaussianDirections,
+    PlanCache,
+    Term,
     _DeviceFunction,
     derive_seeds,
+    f64_bits,
     philox_normals,
+    prepare_terms,
+    split_seeds,
 )
 from lightning_zobi.zo.optim import LOZO, _reject_directions
 
@@ -302,15 +307,6 @@ def v_seeds(run_seed: int, period: int, indices: Sequence[int]) -> np.ndarray:
     return derive_seeds((run_seed, period), indices, V_SALT)
 
 
-def _split(seeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Low and high 32-bit words of uint64 seeds, as int64 (the kernels' Philox key)."""
-    return (seeds & np.uint64(_MASK32)).astype(np.int64), (seeds >> np.uint64(32)).astype(np.int64)
-
-
-def _f64_bits(values: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(values, dtype=np.float64).view(np.int64)
-
-
 # ---------------------------------------------------------------------------------------- launch
 def _aligned(p: Tensor) -> bool:
     """True when 16-byte vector accesses fit every row of ``p`` (8-element aligned start, columns and row stride)."""
@@ -411,9 +407,6 @@ def _plan_key(params: list[Tensor]) -> tuple:
     return tuple((id(p), p.data_ptr(), tuple(p.shape), p.stride(), p.dtype) for p in params)
 
 
-Term = tuple[DirectionKey, "float | Sequence[float]"]
-
-
 # ---------------------------------------------------------------------------------------- directions
 class FusedLowRankDirections(LowRankDirections):
     """LOZO's directions (``U Vᵀ`` on 2-D weights, Gaussian elsewhere) drawn and applied by fused Triton kernels.
@@ -445,7 +438,7 @@ class FusedLowRankDirections(LowRankDirections):
         self.dense = FusedGaussianDirections(rounds, fast_math)  # validates rounds, needs Triton
         self.rounds = rounds
         self.fast_math = bool(fast_math)
-        self._plans: dict[tuple, _LowRankPlan] = {}
+        self._plans = PlanCache()
 
     # ------------------------------------------------------------------ checks and state
     @staticmethod
@@ -480,13 +473,7 @@ class FusedLowRankDirections(LowRankDirections):
     def _plan(self, params: list[Tensor]) -> _LowRankPlan:
         """The cached launch plan of ``params``; rebuilt if a tensor moved or changed shape/strides."""
         key = _plan_key(params)
-        ids = tuple(k[0] for k in key)
-        plan = self._plans.get(ids)
-        if plan is None or plan.key != key:
-            if len(self._plans) > 16:
-                self._plans.clear()
-            plan = self._plans[ids] = _LowRankPlan(params, key)
-        return plan
+        return self._plans.get(params, key, lambda: _LowRankPlan(params, key))
 
     # ------------------------------------------------------------------ the passes
     def apply_(
@@ -505,18 +492,7 @@ class FusedLowRankDirections(LowRankDirections):
         params = list(params)
         if not params:
             return
-        n = len(params)
-        idx = np.arange(n, dtype=np.int64) if indices is None else np.asarray(list(indices), dtype=np.int64)
-        if idx.shape != (n,):
-            raise ValueError(
-                f"indices has {idx.size} entries for {n} parameters; give one index per parameter."
-            )
-
-        def per_param(v: float | Sequence[float]) -> np.ndarray:
-            return np.ascontiguousarray(np.broadcast_to(np.asarray(v, dtype=np.float64), (n,)))
-
-        betas = per_param(beta)
-        prepared = [(key, per_param(alpha)) for key, alpha in terms] or [(DirectionKey(0, 0, 0), np.zeros(n))]
+        idx, betas, prepared = prepare_terms(len(params), terms, beta, indices)
         plan = self._plan(params)
         with torch.no_grad():
             for sel, group in plan.groups:
@@ -539,10 +515,12 @@ class FusedLowRankDirections(LowRankDirections):
         """The kernel's per-weight table: split U/V seeds of each stream, α per stream, β."""
         scal = np.zeros((len(sel), _SCAL), dtype=np.int64)
         for s, (key, alpha) in enumerate(chunk):
-            scal[:, 4 * s], scal[:, 4 * s + 1] = _split(u_seeds(key, idx))
-            scal[:, 4 * s + 2], scal[:, 4 * s + 3] = _split(v_seeds(key.run_seed, self.period(key.step), idx))
-            scal[:, 8 + s] = _f64_bits(alpha[sel])
-        scal[:, 10] = _f64_bits(beta)
+            scal[:, 4 * s], scal[:, 4 * s + 1] = split_seeds(u_seeds(key, idx))
+            scal[:, 4 * s + 2], scal[:, 4 * s + 3] = split_seeds(
+                v_seeds(key.run_seed, self.period(key.step), idx)
+            )
+            scal[:, 8 + s] = f64_bits(alpha[sel])
+        scal[:, 10] = f64_bits(beta)
         return scal
 
     def perturb_(self, params: Iterable[Tensor], key: DirectionKey, scale: float) -> None:
