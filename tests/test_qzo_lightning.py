@@ -99,6 +99,29 @@ def test_qzo_callback_clips_and_logs_how_often() -> None:
     assert float(trainer.callback_metrics["qzo/clipped"]) == 1.0
 
 
+def test_qzo_callback_on_the_fused_path() -> None:
+    """``QZO(fused=True)``: the fused optimizer (Triton's interpreter on CPU) trains the same scales only."""
+    pytest.importorskip("triton")
+    from lightning_zobi.quant.qzo_fused import FusedQZOOptimizer
+
+    torch.manual_seed(0)
+    module = QuantizedCausalLMModule(model=SMALL_LLAMA, double_quant=True)
+    data = FactsDataModule(num_people=10, batch_size=8, max_length=64)
+    trainer = quiet_trainer(max_steps=4, callbacks=[QZO(lr=5e-2, eps=1e-3, fused=True)], limit_val_batches=0)
+    before = snapshot(module)
+    scales0 = [
+        m.weight.quant_state.absmax.clone() for m in module.modules() if isinstance(m, bnb.nn.Linear4bit)
+    ]
+    trainer.fit(module, datamodule=data)
+    (opt,) = trainer.optimizers
+    assert isinstance(opt, FusedQZOOptimizer) and opt.zo_step == 4 and not opt.perturbed
+    scales1 = [m.weight.quant_state.absmax for m in module.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert any(not torch.equal(a, b) for a, b in zip(scales0, scales1, strict=True))
+    assert min(float(s.min()) for s in scales1) >= 0.0
+    assert_only_scales_changed(module, before)
+    assert "qzo/clip_fraction" in trainer.callback_metrics
+
+
 def test_qzo_on_a_module_without_quantized_layers_fails_clearly(plain_module) -> None:
     from conftest import regression_loader
 

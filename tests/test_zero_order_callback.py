@@ -141,3 +141,20 @@ def test_zo_fo_hybrid_through_the_callback_trains_the_head_first_order(plain_mod
     first, last = sum(plain_module.losses[:12]) / 12, sum(plain_module.losses[-12:]) / 12
     assert last < 0.7 * first
     assert plain_module.training_step.__func__ is PlainRegression.training_step  # unwrapped after fit
+
+
+def test_lozo_through_the_callback_on_the_fused_path():
+    """``optimizer_kwargs={"fused": True}`` builds FusedLOZO (Triton's interpreter on CPU) and it trains."""
+    pytest.importorskip("triton")
+    from lightning_zobi.zo.fused_lowrank import FusedLOZO
+
+    torch.manual_seed(0)
+    module = PlainRegression(with_scheduler=False)
+    zo = ZeroOrder(
+        optimizer="lozo", lr=0.01, eps=1e-3, seed=1, optimizer_kwargs={"fused": True, "rank": 2, "nu": 5}
+    )
+    trainer = _fit(module, [zo], max_steps=40)
+    opt = trainer.optimizers[0]
+    assert isinstance(opt, FusedLOZO) and opt.zo_step == 40
+    first, last = sum(module.losses[:16]) / 16, sum(module.losses[-16:]) / 16
+    assert last < 0.8 * first, (first, last)
