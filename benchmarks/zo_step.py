@@ -20,7 +20,8 @@ synchronised around every step, median reported), with the peak allocated memory
   ``z = torch.normal(0, 1, size, dtype)`` and ``param.data = param.data + scale * z * eps``, for
   +1, -2, +1, then the update regenerates ``z`` again: 4 passes;
 * ``lozo`` / ``lozo_fused``: the LOZO rule (rank 2) on its torch path / on the fused Triton path
-  (:class:`~lightning_zobi.zo.fused_lowrank.FusedLOZO`: ``U Vᵀ`` drawn inside a tiled kernel);
+  (:class:`~lightning_zobi.zo.fused_lowrank.FusedLOZO`: ``U Vᵀ`` drawn inside a tiled kernel; the
+  model guarded, so the next ``U Vᵀ`` is folded: 2 passes);
 * ``adamw``: first-order training step (forward + backward + fused ``torch.optim.AdamW``);
 * ``forward_end``: the forward again, last, to see drift over the run.
 
@@ -197,7 +198,7 @@ class _Bench:
 
     def run(self, name: str, warmup: int, steps: int) -> dict[str, Any]:
         from lightning_zobi.zo.directions import DirectionKey
-        from lightning_zobi.zo.fused import FusedGaussianDirections, FusedZOSGD
+        from lightning_zobi.zo.fused import FusedGaussianDirections, FusedStep, FusedZOSGD
 
         params, dev = self.params(), self.device
         if name in ("forward", "forward_end"):
@@ -238,6 +239,8 @@ class _Bench:
             zo = ZOSGD(params, lr=LR, eps=EPS)
         elif name in ("lozo", "lozo_fused"):
             zo = build_optimizer("lozo", params, fused=name == "lozo_fused", lr=LR, eps=EPS, rank=2)
+            if name == "lozo_fused":
+                zo.guard(self.model)  # as ZeroOrder does: the next U Vᵀ is folded into the update pass
         elif name in FUSED_STEPS:
             lookahead, rounds = FUSED_STEPS[name]
             zo = FusedZOSGD(params, lr=LR, eps=EPS, lookahead=lookahead, rounds=rounds)
@@ -248,7 +251,7 @@ class _Bench:
         try:
             return _time(lambda: zo.step(self.closure), dev, warmup, steps)
         finally:
-            if isinstance(zo, FusedZOSGD):
+            if isinstance(zo, FusedStep):
                 zo.unguard()
 
 

@@ -209,6 +209,44 @@ def test_fused_lozo_trajectory_equals_torch_lozo_on_the_same_directions(queries)
     assert not torch.equal(next(models[0].parameters()), next(tiny_mlp(dtype=torch.float64).parameters()))
 
 
+@pytest.mark.parametrize("queries", [1, 2])
+def test_lookahead_fold_equals_the_unfolded_trajectory(queries):
+    """Five float64 steps with nu=2: folding the next U Vᵀ (same V or the next period's) changes nothing."""
+    models = [tiny_mlp(dtype=torch.float64) for _ in range(3)]
+    kw = dict(lr=0.02, eps=1e-3, weight_decay=0.1, rank=2, nu=2, seed=3, queries=queries)
+    folded = FusedLOZO(models[0].parameters(), lookahead=True, **kw)
+    unfolded = FusedLOZO(models[1].parameters(), lookahead=False, **kw)
+    reference = LOZO(models[2].parameters(), **kw)
+    reference.directions = FusedLowRankDirections(rank=2, nu=2)
+    for _ in range(5):
+        for model, opt in zip(models, (folded, unfolded, reference), strict=True):
+            opt.step(mse_closure(model))
+        assert folded.perturbed and not unfolded.perturbed
+    folded.unperturb()
+    for ps in zip(*(m.parameters() for m in models), strict=True):
+        torch.testing.assert_close(ps[0], ps[1], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(ps[0], ps[2], rtol=1e-10, atol=1e-12)
+
+
+def test_guarded_fused_lozo_folds_and_outside_uses_see_clean_weights():
+    guarded, plain = tiny_mlp(dtype=torch.float64), tiny_mlp(dtype=torch.float64)
+    kw = dict(lr=0.02, eps=1e-3, rank=2, nu=3, seed=5)
+    g_opt, p_opt = FusedLOZO(guarded.parameters(), **kw), FusedLOZO(plain.parameters(), **kw)
+    g_opt.guard(guarded)
+    for _ in range(2):
+        g_opt.step(mse_closure(guarded))
+        p_opt.step(mse_closure(plain))
+    assert g_opt.perturbed and not p_opt.perturbed  # lookahead=None folds only when guarded
+    x = torch.randn(4, 6, dtype=torch.float64)
+    torch.testing.assert_close(guarded(x), plain(x), rtol=1e-10, atol=1e-12)  # an outside forward: clean
+    assert not g_opt.perturbed
+    g_opt.step(mse_closure(guarded))
+    p_opt.step(mse_closure(plain))
+    for (name, v), q in zip(guarded.state_dict().items(), plain.parameters(), strict=True):
+        torch.testing.assert_close(v, q, rtol=1e-10, atol=1e-12, msg=name)
+    g_opt.unguard()
+
+
 def test_state_dict_resume_continues_identically():
     full, head = tiny_mlp(), tiny_mlp()
     kw = dict(lr=0.02, eps=1e-3, rank=2, nu=2, seed=9)
@@ -244,7 +282,7 @@ def test_bad_input_errors():
     with pytest.raises(TypeError, match="directions"):
         FusedLOZO(model.parameters(), directions=FusedLowRankDirections())
     with pytest.raises(ValueError, match="lookahead"):
-        FusedLOZO(model.parameters(), lookahead=True)
+        FusedLOZO(model.parameters(), lookahead="sometimes")
     assert FusedLOZO(model.parameters(), lookahead=None).fused_directions.rank == 2
     with pytest.raises(ValueError, match="one index per parameter"):
         FusedLowRankDirections().apply_([torch.zeros(2, 2)], [(DirectionKey(0, 0, 0), 1.0)], indices=[0, 1])

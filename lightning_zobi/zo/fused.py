@@ -540,7 +540,25 @@ def _launch(
                 raise
 
 
-class FusedGaussianDirections(Directions):
+class FusedPerturb:
+    """``perturb_`` through a fused ``apply_``, skipping once the perturbation a fused step already applied (mixin).
+
+    :class:`FusedStep` folds the next step's ``+εz`` into its update pass and marks it in
+    :attr:`preapplied`, so the estimator's first ``perturb_`` of that step finds it done.
+    """
+
+    preapplied: tuple[DirectionKey, float] | None = None
+    apply_: Callable[..., None]
+
+    def perturb_(self, params: Iterable[Tensor], key: DirectionKey, scale: float) -> None:
+        """``θ += scale · z`` in one fused pass; a no-op once if that exact perturbation is pre-applied."""
+        if self.preapplied is not None and self.preapplied == (key, scale):
+            self.preapplied = None
+            return
+        self.apply_(list(params), [(key, scale)])
+
+
+class FusedGaussianDirections(FusedPerturb, Directions):
     """Dense N(0, I) directions drawn by a fused Philox Triton kernel and applied in place.
 
     Same contract as :class:`~lightning_zobi.zo.directions.GaussianDirections` (the same
@@ -575,7 +593,6 @@ class FusedGaussianDirections(Directions):
         self.rounds = rounds
         self.fast_math = bool(fast_math)
         self._plans = PlanCache()
-        self.preapplied: tuple[DirectionKey, float] | None = None
 
     FORMAT = 2
     """Version of the element → Philox mapping (1: four 24-bit normals per counter; 2: eight 16-bit)."""
@@ -652,17 +669,6 @@ class FusedGaussianDirections(Directions):
                     for i, t in zip(positions, group.tensors, strict=True):
                         params[i].copy_(t)
 
-    def perturb_(self, params: Iterable[Tensor], key: DirectionKey, scale: float) -> None:
-        """``θ += scale · z`` in one fused pass; a no-op once if that exact perturbation is pre-applied.
-
-        :class:`FusedZOSGD` folds the next step's ``+εz`` into its update pass and marks it in
-        :attr:`preapplied`, so the estimator's first ``perturb_`` of that step finds it done.
-        """
-        if self.preapplied is not None and self.preapplied == (key, scale):
-            self.preapplied = None
-            return
-        self.apply_(list(params), [(key, scale)])
-
     def sample(self, param: Tensor, index: int, key: DirectionKey) -> Tensor:
         self._check(param)
         out = torch.empty(param.shape, dtype=param.dtype, device=param.device)
@@ -674,20 +680,22 @@ class FusedGaussianDirections(Directions):
 
 
 # ---------------------------------------------------------------------------------------- ZO-SGD
-class FusedZOSGD(ZOSGD):
-    """ZO-SGD (MeZO) on the fused path: 2 forwards + 2 parameter passes per central step.
+class FusedStep:
+    """The step of a fused rule: restore + update in one pass, and the look-ahead fold (a mixin).
 
-    Same rule and arguments as :class:`~lightning_zobi.zo.optim.ZOSGD` (MeZO, "Fine-Tuning Language
-    Models with Just Forward Passes", Malladi et al., arXiv 2305.17333), with the directions of
-    :class:`FusedGaussianDirections`. A central step with one query is::
+    Mixed in before a :class:`~lightning_zobi.zo.optim.ZOOptimizer` rule whose ``directions`` have
+    a fused ``apply_(params, terms, beta)`` and a ``preapplied`` slot (:class:`FusedGaussianDirections`,
+    :class:`~lightning_zobi.zo.fused_lowrank.FusedLowRankDirections`). A central step with one
+    query is::
 
         (θ + εz_t already applied)  L+ ;  θ −= 2εz_t  L- ;
-        θ ← (1 − lr·wd)(θ + εz_t) − lr·g·z_t + εz_{t+1}        (one pass: two directions)
+        θ ← (1 − lr·wd)(θ + εz_t) − lr·s·g·z_t + εz_{t+1}        (one pass: two directions)
 
-    so the last pass also applies the *next* step's perturbation ("lookahead"). Between steps the
-    parameters are then left at ``θ_{t+1} + εz_{t+1}``: :attr:`perturbed` says so and
-    :meth:`unperturb` removes it (one pass). Validation and checkpoints must never see those
-    weights, so folding only happens while it is safe:
+    (``s`` = the rule's :meth:`_grad_scale`: 1 for ZO-SGD, ``1/r`` on LOZO's matrices), so the last
+    pass also applies the *next* step's perturbation ("lookahead"). Between steps the parameters
+    are then left at ``θ_{t+1} + εz_{t+1}``: :attr:`perturbed` says so and :meth:`unperturb` removes
+    it (one pass). Validation and checkpoints must never see those weights, so folding only
+    happens while it is safe:
 
     * ``lookahead=None`` (default): fold only while a module is guarded by :meth:`guard`, which
       registers forward pre-hooks on every submodule owning one of the parameters and a
@@ -700,47 +708,29 @@ class FusedZOSGD(ZOSGD):
 
     Folding needs central differences; forward differences make 2 passes per step anyway
     (``+εz``, restore+update). Several queries: the update pass takes two directions per pass.
-
-    Args:
-        lookahead: see above.
-        rounds, fast_math: see :class:`FusedGaussianDirections`.
-        Others as :class:`~lightning_zobi.zo.optim.ZOOptimizer`.
-
-    Memory: none extra (no direction tensor, no optimizer state).
     """
 
-    def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-6,
-        eps: float = 1e-3,
-        weight_decay: float = 0.0,
-        *,
-        lookahead: bool | None = None,
-        rounds: int = 10,
-        fast_math: bool = True,
-        **kwargs: Any,
-    ) -> None:
-        _reject_directions(type(self).__name__, kwargs)
+    directions: Any
+    eps: float
+    difference: str
+    zo_step: int
+    param_groups: list[dict[str, Any]]
+    _params: Callable[[], list[Tensor]]
+    keys_for_step: Callable[[int], list[DirectionKey]]
+
+    def _init_lookahead(self, lookahead: bool | None) -> None:
         if lookahead not in (None, True, False):
             raise ValueError(
                 f"lookahead={lookahead!r} is invalid: use None (fold when guarded), True or False."
             )
-        super().__init__(
-            params, lr, eps, weight_decay, directions=FusedGaussianDirections(rounds, fast_math), **kwargs
-        )
-        for p in self._params():
-            FusedGaussianDirections._check(p)
-            if p.device.type != "cuda" and not HAS_TRITON:
-                raise RuntimeError("FusedZOSGD needs Triton; use ZOSGD (fused=False).")
         self.lookahead = lookahead
         self.pending: tuple[DirectionKey, float] | None = None
         self._guards: list[RemovableHandle] = []
         self._in_step = False
 
     @property
-    def fused_directions(self) -> FusedGaussianDirections:
-        assert isinstance(self.directions, FusedGaussianDirections)
+    def fused_directions(self) -> Any:
+        """The fused direction family (``apply_`` and the ``preapplied`` slot)."""
         return self.directions
 
     @property
@@ -751,6 +741,10 @@ class FusedZOSGD(ZOSGD):
     def _project_nonnegative(self) -> bool:
         """Whether the update pass projects onto ``θ ≥ 0`` (QZO's scales); folding is off then."""
         return False
+
+    def _grad_scale(self) -> np.ndarray | float:
+        """Per-parameter factor of ``g·z`` in the update (1: plain ZO-SGD)."""
+        return 1.0
 
     def _fold_allowed(self) -> bool:
         if self.difference != "central" or self._project_nonnegative():
@@ -797,7 +791,7 @@ class FusedZOSGD(ZOSGD):
         self._guards.clear()
 
     # ------------------------------------------------------------------ the step
-    def step(self, closure: Closure | None = None) -> float:  # type: ignore[override]
+    def step(self, closure: Closure | None = None) -> float:
         if self.pending is not None:
             key, scale = self.pending
             expected = self.keys_for_step(self.zo_step)[0]
@@ -808,7 +802,7 @@ class FusedZOSGD(ZOSGD):
             self.pending = None
         self._in_step = True
         try:
-            return super().step(closure)
+            return super().step(closure)  # type: ignore[misc]
         finally:
             self._in_step = False
             if self.fused_directions.preapplied is not None:  # the step raised before using it
@@ -819,37 +813,85 @@ class FusedZOSGD(ZOSGD):
             key, scale = estimate.pending
             self.fused_directions.apply_(self._params(), [(key, scale)])
 
-    def _update(self, estimate: Estimate) -> None:
-        """Restore, decay, update (and fold the next ``+εz``) in ``ceil(terms / 2)`` passes."""
-        params = self._params()
+    def _coefficients(self, estimate: Estimate) -> tuple[list[Term], np.ndarray]:
+        """Per-parameter ``α`` of every direction of the step and ``β = 1 − lr·wd`` (restore folded in)."""
         sizes = [len(group["params"]) for group in self.param_groups]
         lr = np.repeat(np.asarray([group["lr"] for group in self.param_groups], dtype=np.float64), sizes)
         wd = np.repeat(
             np.asarray([group["weight_decay"] for group in self.param_groups], dtype=np.float64), sizes
         )
         beta = 1.0 - lr * wd
-        q = len(estimate.keys)
+        rate = lr * self._grad_scale() / len(estimate.keys)
         coeff: dict[DirectionKey, np.ndarray] = {}
-        if estimate.pending is not None:
+        if estimate.pending is not None:  # restore first, then decay: β·(θ + scale·z)
             key, scale = estimate.pending
             coeff[key] = beta * scale
         for key, g in zip(estimate.keys, estimate.projected_grads, strict=True):
-            coeff[key] = coeff.get(key, np.zeros_like(lr)) - lr * (g / q)
-        terms: list[Term] = list(coeff.items())
+            coeff[key] = coeff.get(key, np.zeros_like(lr)) - rate * g
+        return list(coeff.items()), beta
+
+    def _update(self, estimate: Estimate) -> None:
+        """Restore, decay, update (and fold the next ``+εz``) in ``ceil(terms / 2)`` passes."""
+        terms, beta = self._coefficients(estimate)
         if self._fold_allowed():
             next_key = self.keys_for_step(estimate.keys[0].step + 1)[0]
             terms.append((next_key, self.eps))
             self.pending = (next_key, self.eps)
-        self.fused_directions.apply_(params, terms, beta=beta, nonnegative=self._project_nonnegative())
+        options = {"nonnegative": True} if self._project_nonnegative() else {}
+        self.fused_directions.apply_(self._params(), terms, beta=beta, **options)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         self.unperturb()
-        return super().state_dict()
+        return super().state_dict()  # type: ignore[misc]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.unperturb()
-        super().load_state_dict(state_dict)
+        super().load_state_dict(state_dict)  # type: ignore[misc]
+
+
+class FusedZOSGD(FusedStep, ZOSGD):
+    """ZO-SGD (MeZO) on the fused path: 2 forwards + 2 parameter passes per central step.
+
+    Same rule and arguments as :class:`~lightning_zobi.zo.optim.ZOSGD` (MeZO, "Fine-Tuning Language
+    Models with Just Forward Passes", Malladi et al., arXiv 2305.17333), with the directions of
+    :class:`FusedGaussianDirections` and the step of :class:`FusedStep` (restore, update and the
+    next step's ``+εz`` in one pass while a :meth:`guard` makes the fold safe).
+
+    Args:
+        lookahead: ``None`` (fold while guarded), ``True`` (always), ``False`` (never); see :class:`FusedStep`.
+        rounds, fast_math: see :class:`FusedGaussianDirections`.
+        Others as :class:`~lightning_zobi.zo.optim.ZOOptimizer`.
+
+    Memory: none extra (no direction tensor, no optimizer state).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-6,
+        eps: float = 1e-3,
+        weight_decay: float = 0.0,
+        *,
+        lookahead: bool | None = None,
+        rounds: int = 10,
+        fast_math: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        _reject_directions(type(self).__name__, kwargs)
+        self._init_lookahead(lookahead)
+        super().__init__(
+            params, lr, eps, weight_decay, directions=FusedGaussianDirections(rounds, fast_math), **kwargs
+        )
+        for p in self._params():
+            FusedGaussianDirections._check(p)
+            if p.device.type != "cuda" and not HAS_TRITON:
+                raise RuntimeError("FusedZOSGD needs Triton; use ZOSGD (fused=False).")
+
+    @property
+    def fused_directions(self) -> FusedGaussianDirections:
+        assert isinstance(self.directions, FusedGaussianDirections)
+        return self.directions
 
 
 def use_fused(fused: bool | None, params: Iterable[Any]) -> bool:
@@ -912,6 +954,7 @@ def _fused_lozo() -> type:
 __all__ = [
     "BLOCK",
     "FusedGaussianDirections",
+    "FusedStep",
     "FusedZOSGD",
     "HAS_TRITON",
     "fused_available",

@@ -55,11 +55,12 @@ import torch
 from torch import Tensor
 
 from lightning_zobi.zo.directions import DirectionKey, LowRankDirections, derive_seed
-from lightning_zobi.zo.estimators import Estimate
 from lightning_zobi.zo.fused import (
     HAS_TRITON,
     SUPPORTED_DTYPES,
     FusedGaussianDirections,
+    FusedPerturb,
+    FusedStep,
     PlanCache,
     Term,
     _DeviceFunction,
@@ -408,7 +409,7 @@ def _plan_key(params: list[Tensor]) -> tuple:
 
 
 # ---------------------------------------------------------------------------------------- directions
-class FusedLowRankDirections(LowRankDirections):
+class FusedLowRankDirections(FusedPerturb, LowRankDirections):
     """LOZO's directions (``U Vᵀ`` on 2-D weights, Gaussian elsewhere) drawn and applied by fused Triton kernels.
 
     Same contract, seeds and distribution as :class:`~lightning_zobi.zo.directions.LowRankDirections`
@@ -523,10 +524,6 @@ class FusedLowRankDirections(LowRankDirections):
         scal[:, 10] = f64_bits(beta)
         return scal
 
-    def perturb_(self, params: Iterable[Tensor], key: DirectionKey, scale: float) -> None:
-        """``θ += scale · Z`` in one fused pass (one launch per dtype, plus the dense one)."""
-        self.apply_(list(params), [(key, scale)])
-
     def add_direction_(self, param: Tensor, index: int, key: DirectionKey, scale: float) -> None:
         """``param += scale · Z`` in place through the fused kernels (no factor or dense ``Z``)."""
         self.apply_([param], [(key, scale)], indices=[index])
@@ -583,27 +580,28 @@ class FusedLowRankDirections(LowRankDirections):
 
 
 # ---------------------------------------------------------------------------------------- LOZO
-class FusedLOZO(LOZO):
-    """LOZO on the fused path: 2 forwards + 3 parameter passes per central step, each a few launches.
+class FusedLOZO(FusedStep, LOZO):
+    """LOZO on the fused path: 2 forwards + 2 passes per central step while guarded (3 otherwise).
 
     The rule of :class:`~lightning_zobi.zo.optim.LOZO` ("Enhancing Zeroth-order Fine-tuning for
     Language Models with Low-rank Structures", Chen et al., ICLR 2025, arXiv 2410.07698):
     ``ĝ = g·U Vᵀ / r`` on 2-D weights, ``g·z`` elsewhere, ``θ ← (1 − lr·wd)·θ − lr·ĝ``, on
-    :class:`FusedLowRankDirections`. A central step with one query is::
+    :class:`FusedLowRankDirections`, with the step of :class:`~lightning_zobi.zo.fused.FusedStep`::
 
-        θ += εZ  L+ ;  θ −= 2εZ  L- ;  θ ← (1 − lr·wd)(θ + εZ) − lr·(g/r)·Z      (one pass)
+        (θ + εZ_t already applied)  L+ ;  θ −= 2εZ_t  L- ;
+        θ ← (1 − lr·wd)(θ + εZ_t) − lr·(g/r)·Z_t + εZ_{t+1}       (one pass: two directions)
 
-    restore, decay and update being one pass with a single direction (two directions per pass
-    when ``queries > 1``). A pass is one tile launch per group of 2-D weights (per dtype, split by
-    alignment and column stride) plus one dense launch per dtype for the other parameters; no
-    Python loop over parameters launches anything. The directions' values differ from :class:`LOZO`'s (Philox, not
+    ``Z_t`` and ``Z_{t+1}`` share ``V`` inside a lazy period, so that pass sums them in the factor
+    space. A pass is one tile launch per group of 2-D weights (per dtype, split by alignment and
+    column stride) plus one dense launch per dtype for the other parameters; no Python loop over
+    parameters launches anything. The directions' values differ from :class:`LOZO`'s (Philox, not
     ``torch.randn``), the algorithm does not.
 
     Args:
         rank, nu: as :class:`~lightning_zobi.zo.optim.LOZO` (``rank`` at most 16).
         rounds, fast_math: see :class:`~lightning_zobi.zo.fused.FusedGaussianDirections`.
-        lookahead: accepted (``None``/``False``) so that one fused recipe fits both rules; there is
-            no look-ahead fold here, the weights are clean after every step.
+        lookahead: ``None`` (fold while guarded), ``True``, ``False``; see
+            :class:`~lightning_zobi.zo.fused.FusedStep`.
         Others as :class:`~lightning_zobi.zo.optim.ZOOptimizer`.
 
     Memory: none kept; no factor or direction tensor at any time.
@@ -624,13 +622,9 @@ class FusedLOZO(LOZO):
         **kwargs: Any,
     ) -> None:
         _reject_directions(type(self).__name__, kwargs)
-        if lookahead:
-            raise ValueError(
-                "FusedLOZO does not fold the next step's perturbation into its update (lookahead=True is "
-                "FusedZOSGD's); pass lookahead=None or False."
-            )
         if not HAS_TRITON:
             raise RuntimeError("FusedLOZO needs Triton (`pip install triton`); use LOZO (the torch path).")
+        self._init_lookahead(lookahead)
         directions = FusedLowRankDirections(rank, nu, rounds, fast_math)
         super().__init__(params, lr, eps, weight_decay, rank=rank, nu=nu, **kwargs)
         self.directions = directions
@@ -642,27 +636,10 @@ class FusedLOZO(LOZO):
         assert isinstance(self.directions, FusedLowRankDirections)
         return self.directions
 
-    def _coefficients(self, estimate: Estimate) -> tuple[list[Term], np.ndarray]:
-        """Per-parameter ``α`` of every direction of the step and ``β = 1 − lr·wd`` (restore folded in)."""
-        sizes = [len(group["params"]) for group in self.param_groups]
-        lr = np.repeat([float(group["lr"]) for group in self.param_groups], sizes)
-        wd = np.repeat([float(group["weight_decay"]) for group in self.param_groups], sizes)
+    def _grad_scale(self) -> np.ndarray:
+        """LOZO's ``1/r`` on ``U Vᵀ`` (the unbiased estimate), 1 on the dense directions."""
         matrix = np.array([p.dim() == 2 for p in self._params()], dtype=bool)
-        scale = np.where(matrix, 1.0 / self.fused_directions.rank, 1.0)  # LOZO's 1/r on U Vᵀ
-        beta = 1.0 - lr * wd
-        q = len(estimate.keys)
-        coeff: dict[DirectionKey, np.ndarray] = {}
-        if estimate.pending is not None:  # restore first, then decay: β·(θ + scale·Z)
-            key, pending_scale = estimate.pending
-            coeff[key] = beta * pending_scale
-        for key, g in zip(estimate.keys, estimate.projected_grads, strict=True):
-            coeff[key] = coeff.get(key, np.zeros_like(lr)) - lr * scale * (g / q)
-        return list(coeff.items()), beta
-
-    def _update(self, estimate: Estimate) -> None:
-        """Restore, decay and update in ``ceil(terms / 2)`` fused passes (one for a one-query step)."""
-        terms, beta = self._coefficients(estimate)
-        self.fused_directions.apply_(self._params(), terms, beta=beta)
+        return np.where(matrix, 1.0 / self.fused_directions.rank, 1.0)
 
 
 __all__ = ["FusedLOZO", "FusedLowRankDirections", "u_seeds", "v_seeds"]
