@@ -37,8 +37,8 @@ shared memory. Static SASS counts (Triton 3.9, sm_90, bf16, one stream): 12, 14,
 instructions per element at r = 1, 2, 4, 8, 16, no spills; an H200 streams bf16 at roughly 28
 per element, so up to r ≈ 8 a pass should stay memory-bound (counts from compiling
 without a GPU). Measured (H200, bf16, rank 2, ``benchmarks/zo_step.py``): a Llama-7B-shaped
-``FusedLOZO`` step takes 1.22× two forwards (3 passes) against 1.50× for the torch path's
-:class:`~lightning_zobi.zo.optim.LOZO`; 1.12× against 1.49× at the 1.1B shape.
+``FusedLOZO`` step takes 1.18× two forwards guarded (2 passes; 1.22× with 3) against 1.51× for
+the torch path's :class:`~lightning_zobi.zo.optim.LOZO`; 1.09× against 1.49× at the 1.1B shape.
 
 Memory: no factor and no direction tensor; per pass a table of 11 int64 per weight, and a cached
 map of one int32 per tile (``1/8192`` of the weight's elements).
