@@ -255,11 +255,26 @@ def test_zo_step_benchmark_runs_tiny_on_cpu(tmp_path):
     bench = runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "zo_step.py"))
     out = tmp_path / "zo_step_tiny.json"
     variants = "forward,pass,zo_torch,zo_fused,mezo,adamw"
-    bench["main"](["--tiny", "--warmup", "0", "--steps", "1", "--variants", variants, "--out", str(out)])
+    bench["main"](
+        [
+            "--tiny",
+            "--warmup",
+            "0",
+            "--steps",
+            "1",
+            "--repeat",
+            "2",
+            "--variants",
+            variants,
+            "--out",
+            str(out),
+        ]
+    )
     result = json.loads(out.read_text())["shapes"]["tiny"]
     assert set(result["variants"]) == set(variants.split(","))
     for name, r in result["variants"].items():
         assert r["ms"] > 0, name
+        assert len(r["ms_rounds"]) == 2 and len(r["ms_all"]) == 2, name  # two interleaved rounds
         assert r["ratio_2fwd"] == pytest.approx(r["ms"] / (2 * result["variants"]["forward"]["ms"]))
     assert result["params"] > 0 and result["floor_ratio"] >= 1.0
 
@@ -272,3 +287,20 @@ def test_state_dict_names_rounds_and_format_and_warns_on_an_older_format():
         dirs.load_state_dict({"rounds": 7})
     with pytest.raises(ValueError, match="rounds=10"):
         dirs.load_state_dict({"rounds": 10, "format": FusedGaussianDirections.FORMAT})
+
+
+def test_zo_step_profile_runs_tiny_on_cpu(tmp_path):
+    """benchmarks/zo_step_profile.py: profiles a forward and a fused step; on CPU it reports no GPU events."""
+    import json
+    import runpy
+    from pathlib import Path
+
+    prof = runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "zo_step_profile.py"))
+    out = tmp_path / "profile.json"
+    prof["main"](["--shape", "tiny", "--variants", "forward,zo_fused", "--steps", "1", "--out", str(out)])
+    variants = json.loads(out.read_text())["variants"]
+    assert set(variants) == {"forward", "zo_fused"}
+    for r in variants.values():
+        assert len(r["wall_ms"]) == 1 and r["wall_ms"][0] > 0
+        assert r["error"] == "no GPU events in the trace"  # a CUDA run reports busy/idle and the gaps instead
+    assert (tmp_path / "trace_zo_fused.json").exists()

@@ -188,6 +188,19 @@ def _philox_normals8_src(c0, c1, k0, k1, ROUNDS: tl.constexpr, FAST: tl.constexp
     return z0, z1, z2, z3, z4, z5, z6, z7
 
 
+def _round_bf16_rne_src(x):
+    """float32 ``x`` rounded to the nearest bf16 (ties to even), still as float32.
+
+    Triton's CPU interpreter truncates float32 → bf16 where CUDA rounds to nearest even; the
+    kernels round first under the interpreter, so both give the same bf16 values.
+    """
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+round_bf16_rne = _DeviceFunction(_round_bf16_rne_src) if HAS_TRITON else None
+
 philox_normals = _DeviceFunction(_philox_normals_src) if HAS_TRITON else None
 """Device function: 4 normals per counter (``philox_normals(c0, c1, k0, k1, ROUNDS, FAST, WIDE)``)."""
 philox_normals8 = _DeviceFunction(_philox_normals8_src) if HAS_TRITON else None
@@ -287,31 +300,39 @@ def _zo_axpby_src(
             out = acc
         if NONNEG:
             out = tl.maximum(out, 0.0)
-        if RNE_BF16:  # the CPU interpreter truncates float32 -> bf16; round to nearest even as CUDA does
-            bits = out.to(tl.uint32, bitcast=True)
-            bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
-            out = bits.to(tl.float32, bitcast=True)
+        if RNE_BF16:
+            out = round_bf16_rne(out)
         tl.store(ptrs, out.to(x0_ptr.dtype.element_ty), mask=mask)
 
 
-_KERNELS: dict[str, Any] = {}
+_KERNELS: dict[tuple[Callable, str], Any] = {}
 
 
-def _kernel(device: torch.device) -> Any:
-    """The compiled kernel for CUDA, Triton's interpreter for CPU tensors."""
+def compiled_kernel(source: Callable, device: torch.device, fallback: str) -> Any:
+    """``source`` compiled by ``triton.jit`` for CUDA, or run by Triton's interpreter for CPU tensors (cached).
+
+    ``fallback`` names the torch-path alternative in the error raised when Triton is missing.
+    """
     if not HAS_TRITON:
-        raise RuntimeError(
-            "The fused ZO path needs Triton (`pip install triton`); use fused=False for the torch path."
-        )
+        raise RuntimeError(f"The fused ZO path needs Triton (`pip install triton`); {fallback}.")
     kind = "cuda" if device.type == "cuda" else "interp"
-    if kind not in _KERNELS:
+    if (source, kind) not in _KERNELS:
         if kind == "cuda":
-            _KERNELS[kind] = triton.jit(_zo_axpby_src)
+            _KERNELS[source, kind] = triton.jit(source)
         else:
             from triton.runtime.interpreter import InterpretedFunction
 
-            _KERNELS[kind] = InterpretedFunction(_zo_axpby_src)
-    return _KERNELS[kind]
+            _KERNELS[source, kind] = InterpretedFunction(source)
+    return _KERNELS[source, kind]
+
+
+def check_dtype(param: Tensor, fallback: str) -> None:
+    """Refuse a parameter dtype the fused kernels cannot update, naming the torch-path ``fallback``."""
+    if param.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"The fused ZO path supports {[str(d) for d in SUPPORTED_DTYPES]}, got a {param.dtype} parameter; "
+            f"{fallback}."
+        )
 
 
 def fused_available(device: torch.device | str) -> bool:
@@ -506,7 +527,7 @@ def _launch(
     else:
         scal_t = host
     global _ALIGNED_OK, _FAST_OK
-    kernel = _kernel(group.device)
+    kernel = compiled_kernel(_zo_axpby_src, group.device, "use fused=False for the torch path")
     aligned = group.aligned and _ALIGNED_OK
     fast = fast and _FAST_OK and group.device.type == "cuda"
     while True:  # at most three tries: each failure drops one option or re-raises
@@ -622,11 +643,7 @@ class FusedGaussianDirections(FusedPerturb, Directions):
 
     @staticmethod
     def _check(param: Tensor) -> None:
-        if param.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(
-                f"The fused ZO path supports {[str(d) for d in SUPPORTED_DTYPES]}, got a {param.dtype} parameter; "
-                "use fused=False for other dtypes."
-            )
+        check_dtype(param, "use fused=False for other dtypes")
 
     # ------------------------------------------------------------------ the passes
     def apply_(

@@ -57,17 +57,19 @@ from torch import Tensor
 from lightning_zobi.zo.directions import DirectionKey, LowRankDirections, derive_seed
 from lightning_zobi.zo.fused import (
     HAS_TRITON,
-    SUPPORTED_DTYPES,
     FusedGaussianDirections,
     FusedPerturb,
     FusedStep,
     PlanCache,
     Term,
     _DeviceFunction,
+    check_dtype,
+    compiled_kernel,
     derive_seeds,
     f64_bits,
     philox_normals,
     prepare_terms,
+    round_bf16_rne,
     split_seeds,
 )
 from lightning_zobi.zo.optim import LOZO, _reject_directions
@@ -227,10 +229,8 @@ def _zo_lowrank_src(
     mask = (rows < m)[:, None] & (cols < n)[None, :]
     x = tl.load(x0_ptr + offs, mask=mask, other=0.0).to(CDT)
     out = beta * x + acc
-    if RNE_BF16:  # the CPU interpreter truncates float32 -> bf16; round to nearest even as CUDA does
-        bits = out.to(tl.uint32, bitcast=True)
-        bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
-        out = bits.to(tl.float32, bitcast=True)
+    if RNE_BF16:
+        out = round_bf16_rne(out)
     tl.store(x0_ptr + offs, out.to(x0_ptr.dtype.element_ty), mask=mask)
 
 
@@ -257,25 +257,12 @@ def _zo_factor_src(
                 tl.store(out_ptr + rows * RANK + (4 * g + w), _pick(w, z0, z1, z2, z3), mask=mask)
 
 
-_KERNELS: dict[tuple[str, str], Any] = {}
 _SOURCES = {"tiles": _zo_lowrank_src, "factor": _zo_factor_src}
 
 
 def _kernel(name: str, device: torch.device) -> Any:
     """Kernel ``name`` compiled for CUDA, or wrapped by Triton's interpreter for CPU tensors."""
-    if not HAS_TRITON:
-        raise RuntimeError(
-            "The fused LOZO path needs Triton (`pip install triton`); use LOZO / LowRankDirections instead."
-        )
-    kind = "cuda" if device.type == "cuda" else "interp"
-    if (name, kind) not in _KERNELS:
-        if kind == "cuda":
-            _KERNELS[name, kind] = triton.jit(_SOURCES[name])
-        else:
-            from triton.runtime.interpreter import InterpretedFunction
-
-            _KERNELS[name, kind] = InterpretedFunction(_SOURCES[name])
-    return _KERNELS[name, kind]
+    return compiled_kernel(_SOURCES[name], device, "use LOZO / LowRankDirections (the torch path) instead")
 
 
 def _launch_with_fallback(run: Any, **options: bool) -> Any:
@@ -445,11 +432,7 @@ class FusedLowRankDirections(FusedPerturb, LowRankDirections):
     @staticmethod
     def check(param: Tensor) -> None:
         """Refuse parameters the fused kernels cannot update, saying what to use instead."""
-        if param.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(
-                f"The fused LOZO path supports {[str(d) for d in SUPPORTED_DTYPES]}, got a {param.dtype} "
-                "parameter; use LOZO (the torch path) or leave that parameter out of the optimizer."
-            )
+        check_dtype(param, "use LOZO (the torch path) or leave that parameter out of the optimizer")
         if param.device.type not in ("cuda", "cpu"):
             raise RuntimeError(
                 f"The fused LOZO path runs on CUDA (compiled) or CPU (Triton's interpreter), got a parameter on "
