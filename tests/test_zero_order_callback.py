@@ -83,7 +83,7 @@ def test_bf16_mixed_precision_runs(plain_module):
 
 def test_fp16_gradscaler_is_refused_with_a_fix(plain_module):
     # on CPU Lightning silently turns 16-mixed into bf16-mixed, so check the set-up hook directly
-    trainer = SimpleNamespace(precision="16-mixed", accumulate_grad_batches=1)
+    trainer = SimpleNamespace(precision="16-mixed", accumulate_grad_batches=1, strategy=None, gradient_clip_val=None)
     with pytest.raises(ValueError, match="bf16-mixed"):
         ZeroOrder().setup(trainer, plain_module, "fit")
 

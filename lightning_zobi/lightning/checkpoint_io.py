@@ -5,6 +5,14 @@ system temp folder and *moves* it into place: across file systems that move is a
 during it can still leave a truncated ``last.ckpt``. ``AtomicCheckpointIO`` stages the file next to
 its destination, ``fsync``s it and ``os.replace``s it over the old one: POSIX guarantees that a
 reader then sees either the old or the new checkpoint, whole. Loading uses ``weights_only=True``.
+
+Resuming a ZO checkpoint without the ``ZeroOrder``/``QZO`` callback would silently continue as
+first-order training: torch's ``Optimizer.load_state_dict`` ignores the ``"zo"`` entry and
+Lightning never looks at it. Nothing of ours is on that path except what a ZO run left in the
+checkpoint, so the callbacks tag every saved ZO parameter group with ``"zo_rule"`` (torch copies a
+saved group's keys into the loading optimizer's groups), and a global optimizer-step pre-hook
+(:func:`install_zo_resume_guard`, installed when ``lightning_zobi`` is imported) refuses a step of
+any non-ZO optimizer whose groups carry that tag: the run stops before its first update.
 """
 
 from __future__ import annotations
@@ -19,6 +27,41 @@ from lightning.fabric.utilities.cloud_io import _load as pl_load
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from safetensors.torch import save_file
 from torch import nn
+from torch.optim import Optimizer
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+
+ZO_GROUP_TAG = "zo_rule"
+"""Key the ZO callbacks add to each saved parameter group of a ZO optimizer (value: the rule's name)."""
+
+_GUARD: list[Any] = []
+
+
+def refuse_zo_state_in_first_order_optimizer(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+    """Global step pre-hook: a first-order optimizer that loaded a ZO optimizer's state must not step.
+
+    Only the tag is checked (a few dict look-ups per step); ZO optimizers themselves pass.
+    """
+    from lightning_zobi.zo.optim import ZOOptimizer  # lazy: keeps this module light to import
+
+    for group in optimizer.param_groups:
+        rule = group.get(ZO_GROUP_TAG)
+        if rule is not None and not isinstance(optimizer, ZOOptimizer):
+            raise RuntimeError(
+                f"{type(optimizer).__name__} was loaded from a zeroth-order checkpoint (ZO rule {rule!r}) but no ZO "
+                "callback is attached, so this resume would silently continue as first-order training: add the "
+                "callback that made it, e.g. Trainer(callbacks=[ZeroOrder(...)]) (or QZO), or start a first-order run "
+                "from its weights only (Module.load_from_checkpoint(path), then fit without ckpt_path)."
+            )
+
+
+def install_zo_resume_guard() -> None:
+    """Register :func:`refuse_zo_state_in_first_order_optimizer` once per process (idempotent)."""
+    if not _GUARD:
+        _GUARD.append(register_optimizer_step_pre_hook(refuse_zo_state_in_first_order_optimizer))
+
+
+install_zo_resume_guard()
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:

@@ -9,20 +9,27 @@ is on its device, so the tensors held are the ones the layers read — and train
 else is ``ZeroOrder``'s: forward-only steps through the unchanged ``training_step``, LR schedulers
 rebound, precision checks, seeds saved in checkpoints, ``zo/*`` logs.
 
+On resume (``ckpt_path``) the callback installs the trained 4-bit states itself, whatever the
+module: ``Linear4bit`` saves ``weight.absmax``/``quant_map``/... but cannot load them, so before
+Lightning's strict ``load_state_dict`` the module's ``on_load_checkpoint`` is preceded by
+:func:`lightning_zobi.quant.load_4bit_state_`.
+
 Memory: the quantized model plus one scale-sized temporary: no gradients, no optimizer state, no
 activations kept; un-nesting double-quantized absmax adds 3 bytes per 64 weights once.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.optim import Optimizer
 
-from lightning_zobi.lightning.callbacks.zero_order import ZeroOrder, _track_step_calls
+from lightning_zobi.lightning.callbacks.zero_order import ZeroOrder
+from lightning_zobi.quant.convert import load_4bit_state_
 from lightning_zobi.quant.qzo import DEFAULT_CLIP, QZORule, qzo_optimizer
 from lightning_zobi.quant.scales import QuantScales, find_quant_scales
 
@@ -42,12 +49,18 @@ class QZO(ZeroOrder):
         clip: bound ``C`` of directional-derivative clipping (paper sweep 75..125; ``None`` disables).
         nonnegative: keep scales ``≥ 0`` after each update (the paper's ``max(·, 0)``).
         queries, difference, seed, max_nonfinite: as for :class:`~lightning_zobi.ZeroOrder`.
+        forward_mode, rng, perturbation, stochastic_rounding: the ZO core's options, as for
+            :class:`~lightning_zobi.ZeroOrder` (``None``: the rule's defaults).
         layers: optional regex over quantized layer names to train (default: all quantized layers).
         backends: scale adapters to use (default: all of ``lightning_zobi.quant.SCALE_ADAPTERS``).
         unnest: un-nest double-quantized bitsandbytes absmax to float32 (else such layers are refused).
         fused: ``None`` (default) runs the fused Triton path when the scales are on CUDA
             (:class:`~lightning_zobi.quant.qzo_fused.FusedQZOOptimizer`), ``False`` the torch path,
             ``True`` requires the fused one.
+
+    ``Trainer(gradient_clip_val=c)`` is the same directional-derivative clipping: the bound used is
+    ``min(clip, c)``. Strategies, manual optimization, seeds on resume and the lr warning: as for
+    :class:`~lightning_zobi.ZeroOrder`.
 
     Logs, besides ``ZeroOrder``'s ``zo/*``: ``qzo/clipped`` (queries clipped this step),
     ``qzo/clip_fraction`` (running share of clipped queries) and ``qzo/raw_projected_grad``
@@ -68,6 +81,10 @@ class QZO(ZeroOrder):
         seed: int = 0,
         max_nonfinite: int = 5,
         fused: bool | None = None,
+        forward_mode: str | None = None,
+        rng: str | None = None,
+        perturbation: str | None = None,
+        stochastic_rounding: bool | None = None,
     ) -> None:
         super().__init__(
             optimizer="zo_sgd",  # validated name only: build() below makes the QZOOptimizer over the scales
@@ -78,6 +95,11 @@ class QZO(ZeroOrder):
             params="all",
             seed=seed,
             max_nonfinite=max_nonfinite,
+            forward_mode=forward_mode,
+            rng=rng,
+            perturbation=perturbation,
+            stochastic_rounding=stochastic_rounding,
+            exclude_bias_and_norm=False,
             optimizer_kwargs={"clip": clip, "nonnegative": nonnegative},
         )
         self.optimizer = "qzo"
@@ -86,6 +108,7 @@ class QZO(ZeroOrder):
         self.unnest = unnest
         self.fused = fused
         self.scales: QuantScales | None = None
+        self._restore_hook: Callable[[], None] | None = None
 
     @property
     def state_key(self) -> str:
@@ -98,6 +121,11 @@ class QZO(ZeroOrder):
         )
         hyper = optimizer.param_groups[0]
         lr = self.lr if self.lr is not None else hyper["lr"]
+        kwargs = dict(self.optimizer_kwargs)
+        if self.projected_grad_clip is not None:  # gradient_clip_val: the same clipping, the tighter bound
+            clip = kwargs.get("clip")
+            kwargs["clip"] = self.projected_grad_clip if clip is None else min(clip, self.projected_grad_clip)
+        core = {k: v for k, v in self.core_kwargs().items() if k != "projected_grad_clip"}
         zo = qzo_optimizer(
             self.scales,
             fused=self.fused,
@@ -107,16 +135,56 @@ class QZO(ZeroOrder):
             difference=self.difference,
             seed=self.seed,
             max_nonfinite=self.max_nonfinite,
-            **self.optimizer_kwargs,
+            **core,
+            **kwargs,
         )
         zo.param_groups[0]["initial_lr"] = self.lr if self.lr is not None else hyper.get("initial_lr", lr)
         zo.no_grad_params = list(pl_module.parameters())
-        _track_step_calls(zo)
+        if self.lr is None:
+            rank_zero_warn(
+                f"QZO: no lr given, so the module's optimizer lr {lr:g} is used on the quantization scales: set "
+                "QZO(lr=...) (the recipes use 2e-2 with clip 100)."
+            )
         rank_zero_info(
             f"QZO: training {self.scales.numel():,} scales of {len(self.scales)} quantized layers "
             f"(un-nesting added {self.scales.extra_bytes / 2**20:.2f} MiB); codes stay frozen."
         )
         return zo
+
+    def _report(self, source: Optimizer, zo: Any, split: bool) -> None:
+        """QZO's own lines are written in :meth:`build` (the scales have no weight decay)."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """ZeroOrder's checks (fit), and the 4-bit states of a checkpoint restored before Lightning loads the weights.
+
+        Lightning calls the module's ``on_load_checkpoint`` and then its strict ``load_state_dict``,
+        both before any callback hook sees the checkpoint; so the module's hook is wrapped here
+        (every stage: ``validate``/``test`` with ``ckpt_path`` need it too) and unwrapped on teardown.
+        """
+        super().setup(trainer, pl_module, stage)
+        if self._restore_hook is not None:
+            return
+        original = pl_module.on_load_checkpoint
+        own = "on_load_checkpoint" in vars(pl_module)
+
+        def on_load_checkpoint(checkpoint: dict[str, Any]) -> Any:
+            restored = load_4bit_state_(pl_module, checkpoint["state_dict"])
+            if restored:
+                rank_zero_info(f"QZO: restored the trained 4-bit states of {len(restored)} layers from the checkpoint.")
+            return original(checkpoint)
+
+        pl_module.on_load_checkpoint = on_load_checkpoint  # type: ignore[method-assign]
+        self._restore_hook = (
+            (lambda: setattr(pl_module, "on_load_checkpoint", original))
+            if own
+            else (lambda: vars(pl_module).pop("on_load_checkpoint", None))
+        )
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        if self._restore_hook is not None:
+            self._restore_hook()
+            self._restore_hook = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if len(trainer.strategy.optimizers) != 1:

@@ -8,30 +8,58 @@ Lightning's own ``StochasticWeightAveraging`` uses) removes ``zero_grad`` and ``
 that closure, leaving exactly what a ZO optimizer needs: a callable that runs the user's unchanged
 ``training_step`` and returns the loss. So the callback only has to
 
-1. on ``on_fit_start`` (after ``Strategy.setup`` built the module's optimizers, before a checkpoint's
+1. on ``setup`` (each process, before any checkpoint is read), refuse what would be silently
+   wrong: a multi-process strategy that all-reduces gradients (``ddp``, ``fsdp``, ``deepspeed``:
+   a ZO step has none, the replicas would drift apart), fp16's ``GradScaler``, gradient
+   accumulation; and take ``gradient_clip_val`` over as a clamp of the projected gradient;
+2. on ``on_load_checkpoint`` (resume), compare the checkpoint's run seed with ``seed``;
+3. on ``on_fit_start`` (after ``Strategy.setup`` built the module's optimizers, before a checkpoint's
    optimizer state is restored into them), replace each configured optimizer by a ZO rule over the
-   same parameter groups and hyperparameters, rebinding LR schedulers to it;
-2. switch backward off.
+   same parameter groups and hyperparameters, rebinding LR schedulers to it, and attach the rule
+   to the module (``opt.attach(module)``: shared RNG, eval-mode forwards);
+4. switch backward off.
 
 The closure is then called 2 (or more) times per step at perturbed parameters; the ZO optimizer
 switches ``requires_grad`` off meanwhile, so no graph or ``.grad`` is ever made even though
-Lightning's closure runs under ``torch.enable_grad``. ``bf16-mixed`` works (its plugin passes the
-closure through); ``16-mixed`` is refused because its ``GradScaler`` steps without the closure.
+Lightning's closure runs under ``torch.enable_grad``. ``bf16-mixed`` and ``bf16-true`` work (their
+plugins pass the closure through); ``16-mixed`` is refused because its ``GradScaler`` steps without
+the closure. A checkpoint's ZO optimizer groups carry a ``"zo_rule"`` tag, so resuming it without
+this callback fails at the first step instead of continuing as first-order training
+(:func:`lightning_zobi.lightning.checkpoint_io.refuse_zo_state_in_first_order_optimizer`).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import ParallelStrategy
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_zobi.lightning.checkpoint_io import ZO_GROUP_TAG, install_zo_resume_guard
+from lightning_zobi.lightning.strategies import ZODDPStrategy, ZOFSDPStrategy
 from lightning_zobi.zo.optim import OPTIMIZERS, ZOFOHybrid, ZOOptimizer, build_optimizer
 from lightning_zobi.zo.params import select_parameters
+
+FORWARD_MODES = ("train", "eval")
+RNG_MODES = ("shared", "independent")
+PERTURBATIONS = ("exact", "inplace")
+NO_DECAY_NAMES = ("bias", "norm", "ln")
+"""Substrings (of the lower-cased parameter name) that MeZO exempts from weight decay, besides 1-D tensors."""
+
+ZO_LR_RANGE = "MeZO uses 1e-7..1e-6 for full-parameter tuning and 1e-4..1e-3 for LoRA"
+
+MANUAL_OPTIMIZATION = (
+    "{name} under manual optimization needs the loss as a closure: in training_step call "
+    "`opt.step(closure=lambda: self.loss(batch))` (no manual_backward, no opt.zero_grad), because a ZO step "
+    "evaluates the loss itself at perturbed parameters; opt.step() without a closure gives it nothing to evaluate."
+)
 
 
 def _track_step_calls(optimizer: Optimizer) -> None:
@@ -50,26 +78,99 @@ def _track_step_calls(optimizer: Optimizer) -> None:
     optimizer.step = wrapper  # type: ignore[method-assign]
 
 
+def _require_closure_loss(optimizer: Optimizer, name: str) -> None:
+    """Under manual optimization, turn a closure that returns nothing into the error that names the fix.
+
+    ``LightningOptimizer.step()`` without a closure passes Lightning's ``do_nothing_closure``,
+    which returns ``None``: the ZO core would only say that the closure returned no loss.
+    """
+    step = optimizer.step
+
+    @functools.wraps(step)
+    def wrapper(closure: Callable[[], Any] | None = None, *args: Any, **kwargs: Any) -> Any:
+        if closure is None:
+            raise ValueError(MANUAL_OPTIMIZATION.format(name=name))
+
+        def checked() -> Any:
+            loss = closure()
+            if loss is None:
+                raise ValueError(MANUAL_OPTIMIZATION.format(name=name))
+            return loss
+
+        return step(checked, *args, **kwargs)
+
+    optimizer.step = wrapper  # type: ignore[method-assign]
+
+
+def is_no_decay(name: str, param: Tensor) -> bool:
+    """MeZO's rule: biases, norm weights (names with 'bias'/'norm'/'ln', any case) and 1-D tensors get no decay."""
+    lower = name.lower()
+    return param.ndim < 2 or any(part in lower for part in NO_DECAY_NAMES)
+
+
+def _choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
+    if value is not None and value not in allowed:
+        raise ValueError(f"{name}={value!r} is invalid: choose one of {list(allowed)} (or None for the rule's default).")
+
+
 class ZeroOrder(Callback):
     """Train with zeroth-order steps: two forward passes per step, no backward, inference memory.
 
     ``Trainer(callbacks=[ZeroOrder(lr=1e-6, eps=1e-3)])`` on any LightningModule: its
     ``training_step`` and ``configure_optimizers`` stay as written; each configured optimizer is
     replaced by the ZO rule ``optimizer`` over the same parameter groups (per-group lr and
-    weight decay carry over; ``lr`` overrides them, schedulers then scale from it).
+    weight decay carry over; ``lr`` overrides them, schedulers then scale from it). One line at
+    fit start says what was inherited (lr and weight decay per group, tensors decayed / not).
 
     Args:
         optimizer: a rule name from ``lightning_zobi.zo.OPTIMIZERS`` (default ``"zo_sgd"``, MeZO).
-        lr: learning rate overriding the module's (ZO wants ~1e-7..1e-6 for full-parameter LLMs,
-            ~1e-4..1e-3 for LoRA). ``None`` keeps the module's groups' rates.
+        lr: learning rate overriding the module's. ZO wants far smaller rates than first-order
+            training: MeZO (arXiv 2305.17333) uses 1e-7..1e-6 for full-parameter tuning,
+            1e-4..1e-3 for LoRA. ``None`` keeps the module's groups' rates and warns once, since a
+            first-order rate (e.g. 0.1) makes a ZO run diverge.
         eps: perturbation scale ε (MeZO: 1e-3).
         queries: directions averaged per step.
         difference: ``"central"`` or ``"forward"``.
         params: which parameters the ZO rule trains: "trainable" (requires_grad: a peft model
             just works), "all", "lora" (names containing ``lora_``), or a regex over names.
-        seed: run seed naming every direction (saved in checkpoints; resume is exact).
+        seed: run seed naming every direction. It is saved in checkpoints; on resume the
+            checkpoint's seed is used (so the resumed run is the same run) and a different
+            ``seed`` here is reported in one warning.
         max_nonfinite: consecutive NaN/inf losses skipped before the run stops with an error.
+        forward_mode: ``"train"`` runs the ZO forwards with the module in train mode (dropout on,
+            made harmless by ``rng="shared"``); ``"eval"`` runs them in eval mode, as MeZO does.
+            ``None``: the rule's default.
+        rng: ``"shared"``: both forwards of a query replay the same CPU/CUDA RNG state, so dropout
+            masks, sampled noise and timesteps drawn in ``training_step`` match and ``g`` is the
+            directional derivative for that draw; ``"independent"``: each forward draws afresh
+            (the finite difference then measures the draw's noise: with dropout 0.1 a GPT-2 does
+            not learn). ``None``: the rule's default (``"shared"``).
+        perturbation: ``"exact"``: θ is never written by a perturbation (``θ ± εz`` is
+            materialised just in time), so lr = 0 leaves every parameter bit-identical in every
+            dtype; ``"inplace"``: MeZO's in-place ``θ += εz`` (rounds in bf16/fp16). ``None``: the
+            rule's default.
+        stochastic_rounding: round the update stochastically (seeded by run seed and step, so
+            resume stays exact) so that sub-ulp bf16/fp16 updates are not lost; ``None``: on for
+            bf16/fp16 parameters.
+        exclude_bias_and_norm: MeZO's weight decay: when a configured group mixes weights with
+            biases / norm weights (1-D tensors, names containing 'bias', 'norm', 'ln') and no group
+            of the module already has ``weight_decay=0``, the latter are split off with no decay.
+            ``False`` decays exactly as the module's groups say.
         optimizer_kwargs: extra arguments of the chosen rule (e.g. ``{"momentum": 0.9}``).
+
+    Gradient clipping: ``Trainer(gradient_clip_val=c)`` clamps each query's projected gradient
+    ``g = (L+ − L−)/2ε`` to ``[−c, c]`` before the update (``gradient_clip_algorithm`` "norm" and
+    "value" mean the same for one scalar; it is QZO's directional-derivative clipping), the ZO
+    counterpart of bounding a step. Lightning's own clipping of ``.grad`` is switched off for the
+    fit (a ZO step has no ``.grad``) and restored after it.
+
+    Strategies: one process, ``"zo_ddp"`` (all-reduces the projected gradients) or ``"zo_fsdp"``.
+    ``ddp``, ``ddp_spawn``, ``fsdp``, ``deepspeed`` and other multi-process strategies are refused
+    at setup: they average gradients in backward, which a ZO step never runs.
+
+    Manual optimization (``automatic_optimization = False``) works when ``training_step`` steps
+    with a closure that returns the loss, ``self.optimizers().step(closure=lambda: loss_of(batch))``,
+    with no ``manual_backward``; ``opt.step()`` without a closure is an error naming that pattern.
 
     Memory: the ZO rule's state only (none for ZO-SGD); no gradients, no activations kept.
     Logs ``zo/projected_grad`` and ``zo/nonfinite_skips`` each step.
@@ -85,6 +186,11 @@ class ZeroOrder(Callback):
         params: str = "trainable",
         seed: int = 0,
         max_nonfinite: int = 5,
+        forward_mode: str | None = None,
+        rng: str | None = None,
+        perturbation: str | None = None,
+        stochastic_rounding: bool | None = None,
+        exclude_bias_and_norm: bool = True,
         optimizer_kwargs: dict[str, Any] | None = None,
     ) -> None:
         if optimizer not in OPTIMIZERS:
@@ -95,6 +201,9 @@ class ZeroOrder(Callback):
             raise ValueError(f"lr={lr!r} is invalid: use a learning rate >= 0, or None to keep the module's.")
         if not eps > 0:
             raise ValueError(f"eps={eps!r} is invalid: the perturbation scale must be > 0 (e.g. 1e-3).")
+        _choice("forward_mode", forward_mode, FORWARD_MODES)
+        _choice("rng", rng, RNG_MODES)
+        _choice("perturbation", perturbation, PERTURBATIONS)
         self.optimizer = optimizer
         self.lr = lr
         self.eps = eps
@@ -103,56 +212,148 @@ class ZeroOrder(Callback):
         self.params = params
         self.seed = seed
         self.max_nonfinite = max_nonfinite
+        self.forward_mode = forward_mode
+        self.rng = rng
+        self.perturbation = perturbation
+        self.stochastic_rounding = stochastic_rounding
+        self.exclude_bias_and_norm = exclude_bias_and_norm
         self.optimizer_kwargs = dict(optimizer_kwargs or {})
+        self.projected_grad_clip: float | None = None
         self.zo_optimizers: list[ZOOptimizer] = []
         self._unwrap: Callable[[], None] | None = None
+        self._lightning_clip: tuple[Any, Any] | None = None
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(optimizer=self.optimizer, params=self.params, seed=self.seed)
 
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def core_kwargs(self) -> dict[str, Any]:
+        """The ZO core's options this callback passes to the rule (only those set, so the rule's defaults hold)."""
+        given = {
+            "forward_mode": self.forward_mode,
+            "rng": self.rng,
+            "perturbation": self.perturbation,
+            "stochastic_rounding": self.stochastic_rounding,
+            "projected_grad_clip": self.projected_grad_clip,
+        }
+        return {k: v for k, v in given.items() if v is not None}
+
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        install_zo_resume_guard()
+        strategy = trainer.strategy
+        if isinstance(strategy, ParallelStrategy) and not isinstance(strategy, (ZODDPStrategy, ZOFSDPStrategy)):
+            raise ValueError(
+                f"{self.name} cannot run under strategy={type(strategy).__name__} "
+                f"({getattr(strategy, 'world_size', '?')} processes): it averages gradients in backward, which a "
+                "ZO step never runs, so each rank would apply its own projected gradient and the replicas would "
+                "silently diverge. Use Trainer(strategy=\"zo_ddp\") (all-reduces the projected gradients; "
+                "\"zo_fsdp\" for a sharded model)."
+            )
         precision = str(trainer.precision)
         if precision == "16-mixed":
             raise ValueError(
-                f"ZeroOrder cannot run with precision={precision!r}: fp16 mixed precision steps through a "
+                f"{self.name} cannot run with precision={precision!r}: fp16 mixed precision steps through a "
                 "GradScaler, which calls optimizer.step() without the closure a ZO step needs. Use "
                 "precision='bf16-mixed' (or '32-true')."
             )
         if trainer.accumulate_grad_batches != 1:
             raise ValueError(
-                f"ZeroOrder cannot accumulate gradients (accumulate_grad_batches={trainer.accumulate_grad_batches}): "
+                f"{self.name} cannot accumulate gradients (accumulate_grad_batches={trainer.accumulate_grad_batches}): "
                 "a ZO step estimates its gradient on one batch. Raise the batch size or ZeroOrder(queries=...) instead."
             )
+        clip = trainer.gradient_clip_val
+        if clip:  # Lightning: None or 0 means no clipping
+            if not (isinstance(clip, (int, float)) and clip > 0 and math.isfinite(clip)):
+                raise ValueError(
+                    f"gradient_clip_val={clip!r} is invalid for {self.name}: it bounds each projected gradient to "
+                    "[-c, c], so use a finite float > 0 (or None)."
+                )
+            self.projected_grad_clip = float(clip)
+            # a ZO step leaves no .grad: Lightning's clip_grad_value_ would fail on the empty list
+            self._lightning_clip = (trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
+            trainer.gradient_clip_val = None
+        else:
+            self.projected_grad_clip = None
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Say which run seed the resumed run uses when ``seed`` differs from the checkpoint's."""
+        seeds = {
+            int(state["zo"]["seed"])
+            for state in checkpoint.get("optimizer_states", [])
+            if isinstance(state, Mapping) and isinstance(state.get("zo"), Mapping) and "seed" in state["zo"]
+        }
+        if seeds and seeds != {int(self.seed)}:
+            used = ", ".join(str(s) for s in sorted(seeds))
+            rank_zero_warn(
+                f"{self.name}(seed={self.seed}) differs from the checkpoint's run seed {used}: the resumed run uses "
+                f"seed {used}, so it replays the directions of the run it continues (start without ckpt_path for a "
+                "new seed)."
+            )
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Tag the ZO optimizers' saved groups, so that loading them into a first-order optimizer fails loudly."""
+        for state in checkpoint.get("optimizer_states", []):
+            if isinstance(state, Mapping) and "zo" in state:
+                for group in state.get("param_groups", []):
+                    group[ZO_GROUP_TAG] = self.optimizer
+
+    # ------------------------------------------------------------------ building the rule
+    def _groups(self, pl_module: nn.Module, optimizer: Optimizer) -> tuple[list[dict[str, Any]], bool]:
+        """``optimizer``'s groups restricted to the selected parameters, MeZO's decay split applied.
+
+        Returns the groups and whether biases / norm weights were split off.
+        """
+        selected = {id(p): n for n, p in select_parameters(pl_module, self.params)}
+        user_separated = any(not g.get("weight_decay", 0.0) for g in optimizer.param_groups)
+        groups, split = [], False
+        for group in optimizer.param_groups:
+            params = [p for p in group["params"] if id(p) in selected]
+            if not params:
+                continue
+            rest = {k: v for k, v in group.items() if k not in ("params", "param_names")}
+            rest.setdefault("weight_decay", 0.0)
+            if self.exclude_bias_and_norm and rest["weight_decay"] and not user_separated:
+                plain = [p for p in params if is_no_decay(selected[id(p)], p)]
+                decayed = [p for p in params if not is_no_decay(selected[id(p)], p)]
+                if plain and decayed:
+                    split = True
+                    for part, wd in ((decayed, rest["weight_decay"]), (plain, 0.0)):
+                        names = [selected[id(p)] for p in part]
+                        groups.append({**rest, "weight_decay": wd, "params": part, "param_names": names})
+                    continue
+            groups.append({**rest, "params": params, "param_names": [selected[id(p)] for p in params]})
+        if not groups:
+            raise ValueError(
+                f"{self.name}(params={self.params!r}) selected parameters that the module's optimizer does not "
+                "hold; configure_optimizers must include them."
+            )
+        return groups, split
 
     def build(self, pl_module: nn.Module, optimizer: Optimizer) -> ZOOptimizer:
         """A ZO rule over ``optimizer``'s parameter groups restricted to the selected parameters."""
-        selected = {id(p): n for n, p in select_parameters(pl_module, self.params)}
-        groups = []
-        for group in optimizer.param_groups:
-            params = [p for p in group["params"] if id(p) in selected]
-            if params:
-                rest = {k: v for k, v in group.items() if k not in ("params", "param_names")}
-                groups.append({**rest, "params": params, "param_names": [selected[id(p)] for p in params]})
-        if not groups:
-            raise ValueError(
-                f"ZeroOrder(params={self.params!r}) selected parameters that the module's optimizer does not "
-                "hold; configure_optimizers must include them."
-            )
-        for group in groups:
-            group.setdefault("weight_decay", 0.0)
+        groups, split = self._groups(pl_module, optimizer)
+        lr = self.lr if self.lr is not None else groups[0]["lr"]
         zo = build_optimizer(
             self.optimizer,
             groups,
-            lr=self.lr if self.lr is not None else groups[0]["lr"],
+            lr=lr,
             eps=self.eps,
             queries=self.queries,
             difference=self.difference,
             seed=self.seed,
             max_nonfinite=self.max_nonfinite,
+            **self.core_kwargs(),
             **self.optimizer_kwargs,
         )
         if self.lr is not None:
@@ -162,15 +363,39 @@ class ZeroOrder(Callback):
                 )
                 group["initial_lr"] = self.lr
         zo.no_grad_params = list(pl_module.parameters())
-        _track_step_calls(zo)
+        self._report(optimizer, zo, split)
         return zo
+
+    def _report(self, source: Optimizer, zo: ZOOptimizer, split: bool) -> None:
+        """One line: what the ZO rule inherited (lr, weight decay per group, decayed / not decayed tensors)."""
+        if self.lr is None:
+            rank_zero_warn(
+                f"{self.name}: no lr given, so the module's optimizer lr {source.param_groups[0]['lr']:g} is used for "
+                f"the ZO steps; ZO needs far smaller rates than first-order training ({ZO_LR_RANGE}): set "
+                f"{self.name}(lr=...)."
+            )
+        parts, decayed, plain = [], 0, 0
+        for group in zo.param_groups:
+            n = len(group["params"])
+            parts.append(f"lr {group['lr']:g} wd {group.get('weight_decay', 0.0):g} x{n}")
+            if group.get("weight_decay", 0.0):
+                decayed += n
+            else:
+                plain += n
+        how = " (biases/norm weights split off, as MeZO)" if split else ""
+        rank_zero_info(
+            f"{self.name}: {type(zo).__name__} inherited from {type(source).__name__} "
+            f"{'' if self.lr is None else f'(lr overridden to {self.lr:g}) '}"
+            f"{len(zo.param_groups)} group(s) [{'; '.join(parts)}]: weight decay on {decayed} tensors, "
+            f"none on {plain}{how}."
+        )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         strategy = trainer.strategy
         old = list(strategy.optimizers)
         if not old:
             raise ValueError(
-                "ZeroOrder needs configure_optimizers to return an optimizer: its parameter groups and lr "
+                f"{self.name} needs configure_optimizers to return an optimizer: its parameter groups and lr "
                 "become the ZO optimizer's."
             )
         new = [self.build(pl_module, opt) for opt in old]
@@ -180,6 +405,12 @@ class ZeroOrder(Callback):
             scheduler.optimizer = new[index]
             if self.lr is not None and hasattr(scheduler, "base_lrs"):
                 scheduler.base_lrs = [self.lr for _ in scheduler.base_lrs]
+        for zo in new:
+            if hasattr(zo, "attach"):  # shared RNG and eval-mode forwards act on the module
+                zo.attach(pl_module)
+            if not pl_module.automatic_optimization:
+                _require_closure_loss(zo, self.name)
+            _track_step_calls(zo)
         strategy.optimizers = new
         self.zo_optimizers = new
         for zo in new:
@@ -233,3 +464,8 @@ class ZeroOrder(Callback):
         if self._unwrap is not None:
             self._unwrap()
             self._unwrap = None
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._lightning_clip is not None:
+            trainer.gradient_clip_val, trainer.gradient_clip_algorithm = self._lightning_clip
+            self._lightning_clip = None
