@@ -72,6 +72,8 @@ class QZORule:
                     f"{type(self).__name__} got a {p.dtype} tensor of shape {tuple(p.shape)}: it trains continuous "
                     "scales only. Pass find_quant_scales(model) (codes stay frozen), not the quantized weights."
                 )
+        if self.scales is not None:  # exact perturbation: the layer whose forward reads each scale
+            self.tensor_owners = {id(e.scale): e.module for e in self.scales.entries}  # type: ignore[attr-defined]
         self.clip = None if clip is None else float(clip)
         self.nonnegative = nonnegative
         self.clipped_total = 0
@@ -137,7 +139,10 @@ class QZOOptimizer(QZORule, ZOSGD):
         clip: ``C`` of DDC: the projected gradient is clipped to ``[-C, C]``; ``None`` disables.
         nonnegative: project the scales onto ``Δ ≥ 0`` after each update (the paper's ``max(·,0)``;
             a negative absmax would flip a block's sign).
-        queries, difference, seed, directions, max_nonfinite: as for every ZO rule.
+        queries, difference, seed, directions, max_nonfinite: as for every ZO rule; so are
+            ``perturbation``/``rng``/``forward_mode``/``stochastic_rounding`` (keywords). Exact
+            perturbation materialises a layer's scales during its forward only (QZO knows each
+            scale's layer), so θ and the scales are never written by a perturbation.
 
     Attributes:
         clipped_total: how many projected gradients (queries) were clipped so far.
@@ -165,6 +170,7 @@ class QZOOptimizer(QZORule, ZOSGD):
         seed: int = 0,
         directions: Directions | None = None,
         max_nonfinite: int = 5,
+        **kwargs: Any,
     ) -> None:
         super().__init__(
             params,
@@ -178,6 +184,7 @@ class QZOOptimizer(QZORule, ZOSGD):
             seed=seed,
             directions=directions,
             max_nonfinite=max_nonfinite,
+            **kwargs,
         )
 
     def _update(self, estimate: Estimate) -> None:

@@ -104,6 +104,15 @@ class Directions(ABC):
     def load_state_dict(self, state: dict) -> None:  # noqa: B027 - an optional hook: seed-only families keep nothing
         """Restore what :meth:`state_dict` returned."""
 
+    def accumulate_(self, out: Tensor, param: Tensor, index: int, key: DirectionKey, scale: float) -> None:
+        """``out += scale · z`` with ``z`` the direction of ``param`` (sampled in ``param``'s dtype).
+
+        ``out`` may be ``param`` itself or a working copy in another dtype (fp32 for a bf16
+        parameter): the direction is always the one ``param`` gets, cast to ``out``'s dtype.
+        """
+        z = self.sample(param, index, key)
+        out.add_(z if z.dtype == out.dtype else z.to(out.dtype), alpha=scale)
+
     def perturb_(self, params: Iterable[Tensor], key: DirectionKey, scale: float) -> None:
         """``θ += scale · z`` for every parameter, one regenerated tensor at a time (one pass)."""
         with torch.no_grad():
@@ -188,11 +197,17 @@ class LowRankDirections(Directions):
 
     def add_direction_(self, param: Tensor, index: int, key: DirectionKey, scale: float) -> None:
         """``param += scale · Z`` in place, through ``addmm_`` for matrices (no dense ``Z``)."""
+        self.accumulate_(param, param, index, key, scale)
+
+    def accumulate_(self, out: Tensor, param: Tensor, index: int, key: DirectionKey, scale: float) -> None:
+        """``out += scale · Z(param)``; ``addmm_`` for matrices, so the dense ``Z`` is never formed."""
         if self.is_matrix(param):
             u, v = self.factors(param, index, key)
-            param.addmm_(u, v.T, alpha=scale)
+            if u.dtype != out.dtype:
+                u, v = u.to(out.dtype), v.to(out.dtype)
+            out.addmm_(u, v.T, alpha=scale)
         else:
-            param.add_(seeded_randn(param.shape, key.seed_for(index), param, self._pool), alpha=scale)
+            super().accumulate_(out, param, index, key, scale)
 
     def perturb_(self, params: Iterable[Tensor], key: DirectionKey, scale: float) -> None:
         with torch.no_grad():

@@ -5,9 +5,11 @@ Forward Passes", arXiv 2305.17333): ``g = (L(θ+εz) − L(θ−εz)) / 2ε``; `
 ``g = (L(θ+εz) − L(θ)) / ε``. With ``q`` queries both average ``q`` independent directions, all
 evaluated at the same ``θ``.
 
-Both leave the last perturbation applied and report it in :attr:`Estimate.pending`, so that the
-optimizer folds "restore" into its update pass: a central step over one query makes three passes
-over the parameters (+εz, −2εz, restore+update), not MeZO's four.
+How ``θ ± εz`` reaches the forward is a :class:`~lightning_zobi.zo.perturbation.Perturber`'s job:
+exactly, materialised per module while θ is never written (the optimizers' default), or in place
+(MeZO), which leaves the last perturbation applied and reports it in :attr:`Estimate.pending` so
+that the optimizer folds "restore" into its update pass (three passes per central query, not
+MeZO's four).
 
 Memory: none beyond one parameter-sized temporary (the regenerated direction of one tensor).
 """
@@ -22,6 +24,7 @@ import torch
 from torch import Tensor
 
 from lightning_zobi.zo.directions import DirectionKey, Directions
+from lightning_zobi.zo.perturbation import InPlacePerturbation, Perturber
 
 Closure = Callable[[], "Tensor | float | None"]
 
@@ -88,22 +91,29 @@ def evaluate(closure: Closure) -> float:
     return _floats([_loss_of(closure)])[0]
 
 
+def _perturber(params: Sequence[Tensor], directions: Directions, perturber: Perturber | None) -> Perturber:
+    return perturber if perturber is not None else InPlacePerturbation(params, directions)
+
+
 def central_difference(
     params: Sequence[Tensor],
     closure: Closure,
     directions: Directions,
     keys: Sequence[DirectionKey],
     eps: float,
+    *,
+    perturber: Perturber | None = None,
 ) -> Estimate:
-    """``g_k = (L(θ+εz_k) − L(θ−εz_k)) / 2ε`` for each key; leaves ``θ − εz_last`` applied."""
+    """``g_k = (L(θ+εz_k) − L(θ−εz_k)) / 2ε`` for each key.
+
+    ``perturber`` decides how ``θ ± εz`` reaches the forward (default: in place, which leaves
+    ``θ − εz_last`` applied and reports it in :attr:`Estimate.pending`).
+    """
+    perturber = _perturber(params, directions, perturber)
     raw: list[Tensor | float] = []
-    for k, key in enumerate(keys):
-        directions.perturb_(params, key, eps)
-        raw.append(_loss_of(closure))
-        directions.perturb_(params, key, -2.0 * eps)
-        raw.append(_loss_of(closure))
-        if k < len(keys) - 1:
-            directions.perturb_(params, key, eps)
+    for key in keys:
+        raw.append(perturber.loss_at(closure, [(key, eps)]))
+        raw.append(perturber.loss_at(closure, [(key, -eps)]))
     losses = _floats(raw)
     pluses, minuses = losses[0::2], losses[1::2]
     grads = [(plus - minus) / (2.0 * eps) for plus, minus in zip(pluses, minuses, strict=True)]
@@ -112,7 +122,7 @@ def central_difference(
         keys=list(keys),
         projected_grads=grads,
         loss=sum(mids) / len(mids),
-        pending=(keys[-1], eps),
+        pending=perturber.finish(),
         finite=all(math.isfinite(v) for v in losses),
         losses=losses,
     )
@@ -124,21 +134,21 @@ def forward_difference(
     directions: Directions,
     keys: Sequence[DirectionKey],
     eps: float,
+    *,
+    perturber: Perturber | None = None,
 ) -> Estimate:
-    """``g_k = (L(θ+εz_k) − L(θ)) / ε``: ``q + 1`` forwards for ``q`` queries; leaves ``θ + εz_last``."""
-    raw: list[Tensor | float] = [_loss_of(closure)]
-    for k, key in enumerate(keys):
-        directions.perturb_(params, key, eps)
-        raw.append(_loss_of(closure))
-        if k < len(keys) - 1:
-            directions.perturb_(params, key, -eps)
+    """``g_k = (L(θ+εz_k) − L(θ)) / ε``: ``q + 1`` forwards for ``q`` queries."""
+    perturber = _perturber(params, directions, perturber)
+    raw: list[Tensor | float] = [perturber.loss_at(closure, [])]
+    for key in keys:
+        raw.append(perturber.loss_at(closure, [(key, eps)]))
     losses = _floats(raw)
     base = losses[0]
     return Estimate(
         keys=list(keys),
         projected_grads=[(plus - base) / eps for plus in losses[1:]],
         loss=base,
-        pending=(keys[-1], -eps),
+        pending=perturber.finish(),
         finite=all(math.isfinite(v) for v in losses),
         losses=losses,
     )

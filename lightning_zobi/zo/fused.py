@@ -730,6 +730,7 @@ class FusedStep:
     directions: Any
     eps: float
     difference: str
+    perturbation: str
     zo_step: int
     param_groups: list[dict[str, Any]]
     _params: Callable[[], list[Tensor]]
@@ -764,7 +765,7 @@ class FusedStep:
         return 1.0
 
     def _fold_allowed(self) -> bool:
-        if self.difference != "central" or self._project_nonnegative():
+        if self.difference != "central" or self._project_nonnegative() or self.perturbation == "exact":
             return False
         return bool(self._guards) if self.lookahead is None else self.lookahead
 

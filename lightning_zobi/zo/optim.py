@@ -1,7 +1,7 @@
 """Zeroth-order optimizers: ``torch.optim.Optimizer`` subclasses driven by ``step(closure)``.
 
 Used like ``torch.optim.LBFGS``: the closure runs a forward pass and returns the loss, and the
-optimizer calls it two (or ``q+1``/``2q``) times per step with the parameters perturbed in place::
+optimizer calls it two (or ``q+1``/``2q``) times per step at perturbed parameters::
 
     opt = ZOSGD(model.parameters(), lr=1e-6, eps=1e-3)
     loss = opt.step(lambda: model(**batch).loss)
@@ -31,8 +31,14 @@ from lightning_zobi.zo.directions import (
     GaussianDirections,
     LowRankDirections,
     SparseDirections,
+    derive_seed,
 )
-from lightning_zobi.zo.estimators import ESTIMATORS, Closure, Estimate, evaluate, reduce_mean
+from lightning_zobi.zo.estimators import ESTIMATORS, Closure, Estimate, _floats, reduce_mean
+from lightning_zobi.zo.forwards import StepForwards, check_modes
+from lightning_zobi.zo.perturbation import PERTURBATIONS, Perturber, make_perturber
+from lightning_zobi.zo.rounding import HALF_DTYPES, writable
+
+_ROUNDING_SALT = 0x5352
 
 
 class NonFiniteLossError(RuntimeError):
@@ -69,6 +75,20 @@ class ZOOptimizer(Optimizer):
         directions: the direction family (default dense Gaussian).
         max_nonfinite: consecutive non-finite losses tolerated (each such step only restores the
             parameters and is counted) before :class:`NonFiniteLossError` stops the run.
+        perturbation: ``"exact"`` (default): θ is never written by a perturbation; ``θ ± εz`` is
+            materialised per module during its forward (:mod:`~lightning_zobi.zo.perturbation`),
+            so a step with ``lr = 0`` leaves every parameter bit-identical in every dtype.
+            ``"inplace"``: MeZO's in-place ``θ ± εz`` (each write rounds; in bf16 the weights drift).
+        rng: ``"shared"`` (default): every forward of a step replays the same random state, so
+            dropout masks, diffusion timesteps and noise drawn in the closure are the same for
+            ``L+`` and ``L−``; ``"independent"``: each forward draws afresh.
+        forward_mode: ``"train"`` (the module's own mode) or ``"eval"`` (the step's forwards run
+            with the :meth:`attach` ed module in eval mode, as MeZO's code does).
+        stochastic_rounding: round updates of bf16/fp16 parameters stochastically (seeded by run
+            seed, step and parameter, so resume stays exact), keeping sub-ulp updates in
+            expectation. ``None`` (default) = on; fp32/fp64 parameters round to nearest.
+        projected_grad_clip: clamp each query's projected gradient ``g`` to ``[-c, c]`` before the
+            update (``Trainer(gradient_clip_val=c)`` sets it through the callback); ``None``: off.
 
     Attributes:
         grad_reducer: optional callable averaging a float64 tensor of projected gradients across
@@ -76,6 +96,8 @@ class ZOOptimizer(Optimizer):
         no_grad_params: extra tensors whose ``requires_grad`` is switched off while the closure
             runs (the Lightning callback puts the whole module here).
         last_estimate: the :class:`Estimate` of the latest step (for logging).
+        tensor_owners: ``{id(tensor): module}`` for perturbed tensors that are not parameters of a
+            module (QZO's scales), so exact perturbation knows whose forward reads them.
     """
 
     def __init__(
@@ -90,7 +112,22 @@ class ZOOptimizer(Optimizer):
         seed: int = 0,
         directions: Directions | None = None,
         max_nonfinite: int = 5,
+        perturbation: str = "exact",
+        rng: str = "shared",
+        forward_mode: str = "train",
+        stochastic_rounding: bool | None = None,
+        projected_grad_clip: float | None = None,
     ) -> None:
+        if perturbation not in PERTURBATIONS:
+            make_perturber(perturbation, [], GaussianDirections())  # raises the clear error
+        check_modes(rng, forward_mode)
+        if projected_grad_clip is not None and (
+            not isinstance(projected_grad_clip, (int, float)) or not projected_grad_clip > 0
+        ):
+            raise ValueError(
+                f"projected_grad_clip={projected_grad_clip!r} is invalid: use a float > 0 (the bound on each "
+                "query's projected gradient), or None for no clipping."
+            )
         if not isinstance(lr, (int, float)) or lr < 0:
             raise ValueError(
                 f"lr={lr!r} is invalid: a ZO learning rate must be a float >= 0 (MeZO uses 1e-7..1e-6)."
@@ -128,6 +165,15 @@ class ZOOptimizer(Optimizer):
         self.grad_reducer: Callable[[Tensor], Tensor] | None = None
         self.no_grad_params: list[Tensor] = []
         self.last_estimate: Estimate | None = None
+        self.perturbation = perturbation
+        self.rng = rng
+        self.forward_mode = forward_mode
+        self.stochastic_rounding = True if stochastic_rounding is None else bool(stochastic_rounding)
+        self.projected_grad_clip = None if projected_grad_clip is None else float(projected_grad_clip)
+        self.module: torch.nn.Module | None = None
+        self.tensor_owners: dict[int, torch.nn.Module] = {}
+        self._perturbers: dict[str, Perturber] = {}
+        self._forwards: StepForwards | None = None
 
     # ------------------------------------------------------------------ helpers
     def _params(self) -> list[Tensor]:
@@ -145,6 +191,43 @@ class ZOOptimizer(Optimizer):
         """The direction keys of every query of ``step``."""
         return [DirectionKey(self.seed, step, k) for k in range(self.queries)]
 
+    def attach(self, module: torch.nn.Module) -> ZOOptimizer:
+        """Name the model the closure runs (needed by ``forward_mode="eval"``); returns ``self``."""
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(f"attach(module=...) needs a torch.nn.Module, got {type(module).__name__}.")
+        self.module = module
+        return self
+
+    def perturber(self) -> Perturber:
+        """The object that applies ``θ + Σ s·z`` for the forwards (kept: exact mode learns once
+        which tensors are read outside their module's forward)."""
+        perturber = self._perturbers.get(self.perturbation)
+        params = self._params()
+        if perturber is None or len(perturber.params) != len(params) or any(
+            a is not b for a, b in zip(perturber.params, params, strict=True)
+        ):
+            perturber = make_perturber(self.perturbation, params, self.directions, self.tensor_owners)
+            self._perturbers[self.perturbation] = perturber
+        perturber.directions = self.directions
+        return perturber
+
+    def _writable(self, param: Tensor, index: int, step: int | None = None) -> Any:
+        """Context yielding what the rule updates for ``param`` (an fp32 copy under stochastic rounding)."""
+        enabled = self.stochastic_rounding and param.dtype in HALF_DTYPES
+        generator = None
+        if enabled:
+            seed = derive_seed(self.seed, self.zo_step if step is None else step, _ROUNDING_SALT, index)
+            generator = self.directions._pool.get(param.device, seed)
+        return writable(param, generator, enabled)
+
+    def _step_forwards(self, closure: Closure) -> StepForwards:
+        if self.forward_mode == "eval" and self.module is None:
+            raise ValueError(
+                "forward_mode='eval' needs the model: call opt.attach(model) once (the ZeroOrder callback does), "
+                "or use forward_mode='train'."
+            )
+        return StepForwards(closure, rng=self.rng, forward_mode=self.forward_mode, module=self.module)
+
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> float:  # type: ignore[override]
@@ -160,15 +243,22 @@ class ZOOptimizer(Optimizer):
         params = self._params()
         keys = self.keys_for_step(self.zo_step)
         estimator = ESTIMATORS[self.difference]
-        with _no_graph([*params, *self.no_grad_params]):
-            estimate = estimator(params, closure, self.directions, keys, self.eps)
-        estimate.projected_grads = reduce_mean(estimate.projected_grads, self.grad_reducer)
-        estimate.finite = estimate.finite and all(math.isfinite(g) for g in estimate.projected_grads)
-        self.last_estimate = estimate
-        if estimate.finite:
-            self.nonfinite_streak = 0
-            self._update(estimate)
-        else:
+        forwards = self._forwards = self._step_forwards(closure)
+        perturber = self.perturber()
+        try:
+            with _no_graph([*params, *self.no_grad_params]):
+                estimate = estimator(params, forwards, self.directions, keys, self.eps, perturber=perturber)
+            estimate.projected_grads = reduce_mean(estimate.projected_grads, self.grad_reducer)
+            estimate.finite = estimate.finite and all(math.isfinite(g) for g in estimate.projected_grads)
+            self._clip_projected(estimate)
+            self.last_estimate = estimate
+            if estimate.finite:
+                self.nonfinite_streak = 0
+                self._update(estimate)
+        finally:
+            forwards.finish()
+            self._forwards = None
+        if not estimate.finite:
             self._restore(estimate)
             self.nonfinite_streak += 1
             self.nonfinite_total += 1
@@ -182,29 +272,40 @@ class ZOOptimizer(Optimizer):
         self.zo_step += 1
         return estimate.loss
 
+    def _clip_projected(self, estimate: Estimate) -> None:
+        """Clamp each query's projected gradient to ``[-c, c]`` (``projected_grad_clip``)."""
+        c = self.projected_grad_clip
+        if c is not None:
+            estimate.projected_grads = [min(c, max(-c, g)) for g in estimate.projected_grads]
+
     def _restore(self, estimate: Estimate) -> None:
+        """Undo a perturbation still applied in place (nothing to do under exact perturbation)."""
         if estimate.pending is not None:
             key, scale = estimate.pending
             self.directions.perturb_(self._params(), key, scale)
+            estimate.pending = None
+
+    def _restore_into(self, work: Tensor, p: Tensor, index: int, estimate: Estimate) -> None:
+        """Add the in-place perturbation still on ``p`` back out of ``work`` (its writable copy)."""
+        if estimate.pending is not None:
+            key, scale = estimate.pending
+            self.directions.accumulate_(work, p, index, key, scale)
 
     def _update(self, estimate: Estimate) -> None:
-        """Restore ``θ`` and apply the rule, one pass over the parameters."""
-        pending_key, pending_scale = estimate.pending if estimate.pending else (None, 0.0)
+        """Restore ``θ`` (in-place mode) and apply the rule, one pass over the parameters."""
         q = len(estimate.keys)
         for index, p, group in self._indexed():
-            z_pending = self.directions.sample(p, index, pending_key) if pending_key is not None else None
-            if z_pending is not None:
-                p.add_(z_pending, alpha=pending_scale)
-            grad = torch.zeros_like(p)
-            for key, g in zip(estimate.keys, estimate.projected_grads, strict=True):
-                z = z_pending if key == pending_key else self.directions.sample(p, index, key)
-                grad.add_(z, alpha=g / q)
-            if group["weight_decay"]:
-                grad.add_(p, alpha=group["weight_decay"])
-            self.apply_rule(p, grad, group, self.state[p])
+            with self._writable(p, index) as w:
+                self._restore_into(w, p, index, estimate)
+                grad = torch.zeros_like(w)
+                for key, g in zip(estimate.keys, estimate.projected_grads, strict=True):
+                    self.directions.accumulate_(grad, p, index, key, g / q)
+                if group["weight_decay"]:
+                    grad.add_(w, alpha=group["weight_decay"])
+                self.apply_rule(w, grad, group, self.state[p])
 
     def apply_rule(self, param: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
-        """Update ``param`` in place from the estimated gradient ``grad`` (plain SGD here)."""
+        """Update ``param`` (the parameter, or its fp32 working copy) from the estimate ``grad`` (SGD here)."""
         param.add_(grad, alpha=-group["lr"])
 
     # ------------------------------------------------------------------ state
@@ -238,24 +339,25 @@ class ZOOptimizer(Optimizer):
 class ZOSGD(ZOOptimizer):
     """ZO-SGD (MeZO, arXiv 2305.17333): ``θ ← θ − lr · mean_k(g_k z_k)``.
 
-    The update is fused with the restore of the last perturbation: for one query the whole step
-    is three in-place passes (``+εz``, ``−2εz``, ``+(ε − lr·g)z``). Extra memory: none.
+    One update pass per step (exact perturbation: two materialisations during the forwards, then
+    ``θ −= lr·g·z``; in-place: the restore is folded into it, three passes as ``+εz``, ``−2εz``,
+    ``+(ε − lr·g)z``). A parameter whose update is exactly zero is not written. Extra memory: none.
     """
 
     def _update(self, estimate: Estimate) -> None:
-        if len(estimate.keys) > 1 or estimate.pending is None:
-            return super()._update(estimate)
-        key, scale = estimate.pending
-        g = estimate.projected_grads[0]
+        q = len(estimate.keys)
         for index, p, group in self._indexed():
-            z = self.directions.sample(p, index, key)
-            decay = group["lr"] * group["weight_decay"]
-            if decay:
-                # θ_new = (1 − lr·wd)(p + scale·z) − lr·g·z, with p the perturbed value
-                p.mul_(1.0 - decay)
-                p.add_(z, alpha=(1.0 - decay) * scale - group["lr"] * g)
-            else:
-                p.add_(z, alpha=scale - group["lr"] * g)
+            lr, decay = group["lr"], group["lr"] * group["weight_decay"]
+            alphas = [-lr * g / q for g in estimate.projected_grads]
+            if estimate.pending is None and not decay and not any(alphas):
+                continue  # nothing to write: θ stays bit-identical (even -0.0)
+            with self._writable(p, index) as w:
+                self._restore_into(w, p, index, estimate)
+                if decay:
+                    w.mul_(1.0 - decay)
+                for key, alpha in zip(estimate.keys, alphas, strict=True):
+                    if alpha:
+                        self.directions.accumulate_(w, p, index, key, alpha)
 
 
 OPTIMIZERS: dict[str, type[ZOOptimizer]] = {
@@ -450,7 +552,8 @@ class ZOSGDCons(ZOOptimizer):
     lowest of those two and the loss at ``θ`` (for central differences the reference is the mean
     of ``L(θ±εz)``, ``L(θ) + O(ε²)``; for forward differences it is ``L(θ)`` exactly). A wrong-sign
     estimate is thus turned around and a harmful one rejected. Weight decay, if any, is applied
-    as a decoupled shrink before the comparison. :attr:`last_choice` is -1 (descent), +1 (ascent
+    as a decoupled shrink after the comparison. The two extra evaluations see the same random draws
+    as the estimate's forwards (``rng="shared"``) and, under exact perturbation, never write θ. :attr:`last_choice` is -1 (descent), +1 (ascent
     direction) or 0 (stayed).
 
     Cost: 4 forwards per step with one central query (2 + 2). Memory: none extra.
@@ -458,43 +561,42 @@ class ZOSGDCons(ZOOptimizer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._closure: Closure | None = None
         self.last_choice = 0
 
-    def step(self, closure: Closure | None = None) -> float:  # type: ignore[override]
-        self._closure = closure
-        try:
-            return super().step(closure)
-        finally:
-            self._closure = None
-
-    def _move(self, estimate: Estimate, multiple: float) -> None:
-        """``θ += multiple · lr · ĝ`` (per-group lr), regenerating the directions."""
+    def _offset(self, estimate: Estimate, multiple: float) -> list[tuple[DirectionKey, list[float]]]:
+        """The offset ``multiple · lr · ĝ`` (per-group lr) as direction terms."""
         q = len(estimate.keys)
-        for index, p, group in self._indexed():
-            for key, g in zip(estimate.keys, estimate.projected_grads, strict=True):
-                p.add_(self.directions.sample(p, index, key), alpha=multiple * group["lr"] * g / q)
+        lrs = [group["lr"] for _, _, group in self._indexed()]
+        return [
+            (key, [multiple * lr * g / q for lr in lrs])
+            for key, g in zip(estimate.keys, estimate.projected_grads, strict=True)
+        ]
 
-    def _loss_here(self) -> float:
-        assert self._closure is not None
+    def _loss_at(self, estimate: Estimate, multiple: float) -> float:
+        assert self._forwards is not None
         with _no_graph([*self._params(), *self.no_grad_params]):
-            loss = evaluate(self._closure)
+            raw = self.perturber().loss_at(self._forwards, self._offset(estimate, multiple))
+        loss = _floats([raw])[0]
         return loss if math.isfinite(loss) else math.inf
 
     def _update(self, estimate: Estimate) -> None:
-        self._restore(estimate)
-        for group in self.param_groups:
-            if group["weight_decay"]:
-                for p in group["params"]:
-                    p.mul_(1.0 - group["lr"] * group["weight_decay"])
-        self._move(estimate, -1.0)
-        loss_minus = self._loss_here()
-        self._move(estimate, 2.0)
-        loss_plus = self._loss_here()
+        self._restore(estimate)  # in-place mode: clean θ before the two extra evaluations
+        loss_minus = self._loss_at(estimate, -1.0)
+        loss_plus = self._loss_at(estimate, 1.0)
+        self._restore(Estimate([], [], 0.0, pending=self.perturber().finish()))
         candidates = {0: estimate.loss, -1: loss_minus, 1: loss_plus}
         choice = min(candidates, key=lambda c: (candidates[c], abs(c)))
-        if choice != 1:
-            self._move(estimate, float(choice - 1))
+        q = len(estimate.keys)
+        for index, p, group in self._indexed():
+            decay = group["lr"] * group["weight_decay"]
+            if not decay and not choice:
+                continue
+            with self._writable(p, index) as w:
+                if decay:
+                    w.mul_(1.0 - decay)
+                for key, g in zip(estimate.keys, estimate.projected_grads, strict=True):
+                    if choice and g:
+                        self.directions.accumulate_(w, p, index, key, choice * group["lr"] * g / q)
         self.last_choice = choice
 
 
@@ -506,8 +608,8 @@ class LOZO(ZOOptimizer):
     direction is ``U Vᵀ`` with ``U`` (``m×r``) resampled every step and ``V`` (``n×r``) every
     ``nu`` steps (:class:`~lightning_zobi.zo.directions.LowRankDirections`); the estimate is the
     paper's unbiased ``ĝ = g · U Vᵀ / r`` and ``θ ← θ − lr·ĝ``. Other parameters use dense
-    Gaussian directions and plain ZO-SGD. Restore and update are fused into one ``addmm_`` per
-    weight, so no dense ``m×n`` direction is formed.
+    Gaussian directions and plain ZO-SGD. The update is one ``addmm_`` per weight (with the
+    restore folded in under in-place perturbation), so no dense ``m×n`` direction is formed.
 
     Memory: none kept; one ``(m + n)·r`` pair of factors at a time.
     """
@@ -531,30 +633,23 @@ class LOZO(ZOOptimizer):
         assert isinstance(self.directions, LowRankDirections)
         return self.directions
 
-    def _restore_and_decay(self, p: Tensor, index: int, group: dict[str, Any], estimate: Estimate) -> float:
-        """Restore ``p`` if weight decay forces it; return the restore scale still to fuse (else 0)."""
-        if estimate.pending is None:
-            return 0.0
-        key, scale = estimate.pending
-        if not group["weight_decay"]:
-            return scale
-        self.lowrank.add_direction_(p, index, key, scale)
-        p.mul_(1.0 - group["lr"] * group["weight_decay"])
-        return 0.0
-
     def _update(self, estimate: Estimate) -> None:
         d = self.lowrank
         q = len(estimate.keys)
         for index, p, group in self._indexed():
-            fused_restore = self._restore_and_decay(p, index, group, estimate)
+            decay = group["lr"] * group["weight_decay"]
             alphas: dict[DirectionKey, float] = {}
             for key, g in zip(estimate.keys, estimate.projected_grads, strict=True):
                 alphas[key] = alphas.get(key, 0.0) - group["lr"] * g * d.grad_scale(p) / q
-            if fused_restore and estimate.pending is not None:
-                pending_key = estimate.pending[0]
-                alphas[pending_key] = alphas.get(pending_key, 0.0) + fused_restore
-            for key, alpha in alphas.items():
-                d.add_direction_(p, index, key, alpha)
+            if estimate.pending is None and not decay and not any(alphas.values()):
+                continue
+            with self._writable(p, index) as w:
+                self._restore_into(w, p, index, estimate)
+                if decay:
+                    w.mul_(1.0 - decay)
+                for key, alpha in alphas.items():
+                    if alpha:
+                        d.accumulate_(w, p, index, key, alpha)
 
 
 class LOZOM(LOZO):
@@ -589,38 +684,43 @@ class LOZOM(LOZO):
             _check_beta("beta", group["beta"])
 
     def _update(self, estimate: Estimate) -> None:
+        period = self.lowrank.period(estimate.keys[0].step)
+        for index, p, group in self._indexed():
+            with self._writable(p, index) as w:
+                self._restore_into(w, p, index, estimate)
+                self._momentum_update(w, p, index, group, estimate, period)
+
+    def _momentum_update(
+        self, w: Tensor, p: Tensor, index: int, group: dict[str, Any], estimate: Estimate, period: int
+    ) -> None:
+        """Decay, move the momentum factor (or buffer) and write ``w`` (``p`` or its fp32 copy)."""
         d = self.lowrank
         q = len(estimate.keys)
-        step = estimate.keys[0].step
-        period = d.period(step)
-        for index, p, group in self._indexed():
-            if estimate.pending is not None:
-                d.add_direction_(p, index, *estimate.pending)
-            if group["weight_decay"]:
-                p.mul_(1.0 - group["lr"] * group["weight_decay"])
-            beta, state = group["beta"], self.state[p]
-            if d.is_matrix(p):
-                v = d.v_factor(p, index, self.seed, period)
-                n_buf = state.get("lozo_n")
-                if n_buf is None:
-                    n_buf = torch.zeros(p.shape[0], d.rank, dtype=p.dtype, device=p.device)
-                elif state["lozo_period"] != period:
-                    v_old = d.v_factor(p, index, self.seed, state["lozo_period"])
-                    n_buf = n_buf @ (v_old.T @ v) / p.shape[1]
-                n_buf.mul_(beta)
-                for key, g in zip(estimate.keys, estimate.projected_grads, strict=True):
-                    n_buf.add_(d.u_factor(p, index, key), alpha=(1.0 - beta) * g / q)
-                state["lozo_n"], state["lozo_period"] = n_buf, period
-                p.addmm_(n_buf, v.T, alpha=-group["lr"] / d.rank)
-            else:
-                grad = torch.zeros_like(p)
-                for key, g in zip(estimate.keys, estimate.projected_grads, strict=True):
-                    grad.add_(d.sample(p, index, key), alpha=g / q)
-                buf = state.get("momentum_buffer")
-                if buf is None:
-                    buf = state["momentum_buffer"] = torch.zeros_like(p)
-                buf.mul_(beta).add_(grad, alpha=1.0 - beta)
-                p.add_(buf, alpha=-group["lr"])
+        if group["weight_decay"]:
+            w.mul_(1.0 - group["lr"] * group["weight_decay"])
+        beta, state = group["beta"], self.state[p]
+        if d.is_matrix(p):
+            v = d.v_factor(p, index, self.seed, period).to(w.dtype)
+            n_buf = state.get("lozo_n")
+            if n_buf is None:
+                n_buf = torch.zeros(p.shape[0], d.rank, dtype=w.dtype, device=p.device)
+            elif state["lozo_period"] != period:
+                v_old = d.v_factor(p, index, self.seed, state["lozo_period"]).to(w.dtype)
+                n_buf = n_buf @ (v_old.T @ v) / p.shape[1]
+            n_buf.mul_(beta)
+            for key, g in zip(estimate.keys, estimate.projected_grads, strict=True):
+                n_buf.add_(d.u_factor(p, index, key).to(n_buf.dtype), alpha=(1.0 - beta) * g / q)
+            state["lozo_n"], state["lozo_period"] = n_buf, period
+            w.addmm_(n_buf, v.T, alpha=-group["lr"] / d.rank)
+        else:
+            grad = torch.zeros_like(w)
+            for key, g in zip(estimate.keys, estimate.projected_grads, strict=True):
+                d.accumulate_(grad, p, index, key, g / q)
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = torch.zeros_like(w)
+            buf.mul_(beta).add_(grad, alpha=1.0 - beta)
+            w.add_(buf, alpha=-group["lr"])
 
 
 class SparseZO(ZOSGD):
