@@ -197,7 +197,7 @@ def test_resume_with_the_same_seed_is_silent(tmp_path: Path, recwarn: pytest.War
 # ---------------------------------------------------------------------- lr and weight decay
 def test_no_lr_warns_with_the_zo_range(caplog: pytest.LogCaptureFixture) -> None:
     trainer = quiet_trainer(max_steps=2, callbacks=[ZeroOrder()], limit_val_batches=0)
-    with pytest.warns(UserWarning, match=r"lr 0.1 is used .*1e-7..1e-6 .*1e-4..1e-3 for LoRA"):
+    with pytest.warns(UserWarning, match=r"lr 0.1 is used .*1e-7..1e-6 for full-parameter tuning .*1e-4..1e-3 for LoRA"):
         trainer.fit(boring())
 
 

@@ -53,7 +53,7 @@ PERTURBATIONS = ("exact", "inplace")
 NO_DECAY_NAMES = ("bias", "norm", "ln")
 """Substrings (of the lower-cased parameter name) that MeZO exempts from weight decay, besides 1-D tensors."""
 
-ZO_LR_RANGE = "MeZO uses 1e-7..1e-6 for full-parameter tuning and 1e-4..1e-3 for LoRA"
+ZO_LR_RANGE = "use 1e-7..1e-6 for full-parameter tuning (MeZO) and 1e-4..1e-3 for LoRA"
 
 MANUAL_OPTIMIZATION = (
     "{name} under manual optimization needs the loss as a closure: in training_step call "
@@ -125,7 +125,7 @@ class ZeroOrder(Callback):
     Args:
         optimizer: a rule name from ``lightning_zobi.zo.OPTIMIZERS`` (default ``"zo_sgd"``, MeZO).
         lr: learning rate overriding the module's. ZO wants far smaller rates than first-order
-            training: MeZO (arXiv 2305.17333) uses 1e-7..1e-6 for full-parameter tuning,
+            training: 1e-7..1e-6 for full-parameter tuning (MeZO, arXiv 2305.17333),
             1e-4..1e-3 for LoRA. ``None`` keeps the module's groups' rates and warns once, since a
             first-order rate (e.g. 0.1) makes a ZO run diverge.
         eps: perturbation scale ε (MeZO: 1e-3).
