@@ -132,6 +132,8 @@ def run(scenario: str) -> dict:
         callbacks.append(ZeroOrder(**ZO_ARGS))
     if scenario == "diverge":
         callbacks.append(_BreakRank1())
+    if scenario == "bf16_lr0":  # exactness across ranks: bf16 weights, lr=0, per-rank queries
+        callbacks.append(ZeroOrder(**{**ZO_ARGS, "lr": 0.0}))
     if scenario == "lozo_per_rank":  # low-rank directions with a lazily shared V, per-rank queries
         callbacks.append(ZeroOrder(optimizer="lozo", optimizer_kwargs={"rank": 2, "nu": 3}, **ZO_ARGS))
     if scenario == "zofo":  # Bilevel ZOFO: ZO base-model upper level, first-order adapter lower level
@@ -157,9 +159,9 @@ def run(scenario: str) -> dict:
             strategy, 2, callbacks, precision="32-true", checkpointing=scenario == "fsdp_full_checkpoint"
         )
     else:
-        query_seeds = "per_rank" if scenario.endswith("per_rank") else "shared"
+        query_seeds = "per_rank" if scenario.endswith(("per_rank", "lr0")) else "shared"
         strategy = ZODDPStrategy(query_seeds=query_seeds, check_every=1 if scenario == "diverge" else 2)
-        t = trainer(strategy, 2, callbacks)
+        t = trainer(strategy, 2, callbacks, precision="bf16-true" if scenario == "bf16_lr0" else "64-true")
     out: dict = {"scenario": scenario}
     try:
         t.fit(module, loader(PER_RANK_BATCH))

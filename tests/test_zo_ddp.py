@@ -34,7 +34,9 @@ from lightning_zobi.zo.sharded import (  # noqa: E402
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-SCENARIOS = ("shared", "per_rank", "diverge", "fo", "fsdp", "zofo", "lozo_per_rank", "fsdp_full_checkpoint")
+SCENARIOS = (
+    "shared", "per_rank", "diverge", "fo", "fsdp", "zofo", "lozo_per_rank", "fsdp_full_checkpoint", "bf16_lr0",
+)
 
 
 @pytest.fixture(scope="module")
@@ -338,3 +340,13 @@ def test_two_gpus_over_nccl_stay_identical_and_send_scalars(tmp_path):
         assert got[s, 0]["params"] == got[s, 1]["params"] and got[s, 0]["steps"] == worker.STEPS
         assert 0 < got[s, 0]["bytes_per_step"] <= 8 * worker.ZO_ARGS["queries"]
     assert "'net.2.bias'" in got["diverge", 0]["error"]
+
+
+def test_zo_ddp_bf16_lr_zero_leaves_both_ranks_bit_identical_to_the_start(ranks):
+    """Exact perturbation under zo_ddp: bf16 weights, lr=0, per-rank queries: nothing moves, on any rank."""
+    start = {n: p.detach().bfloat16().double() for n, p in worker.Regression(init_seed=0).named_parameters()}
+    for rank in (0, 1):
+        result = ranks["bf16_lr0", rank]
+        assert "error" not in result and result["steps"] == worker.STEPS
+        for name, values in result["params"].items():
+            assert torch.equal(torch.tensor(values, dtype=torch.float64).view_as(start[name]), start[name]), name

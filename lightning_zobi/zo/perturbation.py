@@ -26,6 +26,7 @@ two materialisations (read θ, write a scratch copy) and the update; no restore 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -35,6 +36,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
 from lightning_zobi.zo.directions import DirectionKey, Directions
+from lightning_zobi.zo.sharded import is_sharded
 
 Scale = float | Sequence[float]
 """A term's scale: one float for every tensor, or one per tensor (indexed like the parameters)."""
@@ -319,7 +321,20 @@ class JustInTimePerturbation(Perturber):
 def make_perturber(
     mode: str, params: Sequence[Tensor], directions: Directions, owners: dict[int, nn.Module] | None = None
 ) -> Perturber:
-    """The perturber for ``perturbation=mode``."""
+    """The perturber for ``perturbation=mode``.
+
+    Sharded parameters (FSDP2 / tensor-parallel ``DTensor`` s) are perturbed in place even under
+    ``"exact"``: FSDP2 all-gathers from its own shard storage into fresh unsharded parameters, so a
+    swap of the sharded tensor's data would never reach the forward (a warning says so once).
+    """
+    if mode == "exact" and any(is_sharded(p) for p in params):
+        warnings.warn(
+            "perturbation='exact' is not available for sharded (FSDP2/DTensor) parameters yet: this optimizer "
+            "perturbs them in place (each write rounds; updates still use stochastic rounding). Use fp32 "
+            "parameters under zo_fsdp where bit-exact restores matter.",
+            stacklevel=3,
+        )
+        return InPlacePerturbation(params, directions)
     if mode == "exact":
         return JustInTimePerturbation(params, directions, owners)
     if mode == "inplace":
