@@ -233,3 +233,35 @@ def test_bf16_fine_tune_tracks_fp32() -> None:
     assert fp32 < 0.8 * start
     assert bf16 < 0.8 * start and abs(bf16 - fp32) < 0.25 * (start - fp32)
     assert bf16_inplace_rn > bf16 + 0.3 * (start - fp32)
+
+
+def test_a_diffusion_loss_with_random_timesteps_sees_one_draw_per_query() -> None:
+    """A user's denoising loss draws timesteps and noise from the global RNG inside the closure."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    )
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    x0 = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+
+    def loss() -> torch.Tensor:
+        t = torch.randint(0, 1000, (4,))
+        noise = torch.randn_like(x0)
+        pred = unet(scheduler.add_noise(x0, noise, t), t).sample
+        return torch.nn.functional.mse_loss(pred, noise)
+
+    gaps = {}
+    for rng in ("shared", "independent"):
+        opt = ZOSGD(unet.parameters(), lr=0.0, eps=1e-3, seed=0, rng=rng)
+        gap = []
+        for trial in range(4):
+            torch.manual_seed(trial)
+            opt.step(loss)
+            plus, minus = opt.last_estimate.losses
+            gap.append(abs(plus - minus))
+        gaps[rng] = sum(gap) / len(gap)
+    assert gaps["shared"] < 0.05 * gaps["independent"]
