@@ -440,7 +440,8 @@ class ZOSGDMomentum(ZOOptimizer):
     ``momentum``/``dampening`` default to 0.9/0 unless a param group carries its own (e.g. from an
     SGD the module configured); a value passed here applies to every group.
 
-    Memory: one buffer per parameter (1× the trainable parameters, in their dtype).
+    Memory: one buffer per parameter (1× the trainable parameters; in fp32 for bf16/fp16 parameters
+    under stochastic rounding, where the update is computed in fp32).
     """
 
     def __init__(
@@ -497,8 +498,9 @@ class ZOAdam(ZOOptimizer):
     perturbation scale ``eps``. ``betas`` default to (0.9, 0.999) unless a param group carries its
     own (e.g. from the AdamW the module configured); a value passed here applies to every group.
 
-    Memory: two buffers per parameter, **2× the trainable parameters** (as first-order Adam),
-    which removes much of ZO's memory advantage on full fine-tuning; prefer it with LoRA.
+    Memory: two buffers per parameter, **2× the trainable parameters** (as first-order Adam; fp32
+    for bf16/fp16 parameters under stochastic rounding), which removes much of ZO's memory
+    advantage on full fine-tuning; prefer it with LoRA.
     """
 
     def __init__(
