@@ -265,3 +265,43 @@ def test_a_diffusion_loss_with_random_timesteps_sees_one_draw_per_query() -> Non
             gap.append(abs(plus - minus))
         gaps[rng] = sum(gap) / len(gap)
     assert gaps["shared"] < 0.05 * gaps["independent"]
+
+
+class _GPT2Module(__import__("lightning.pytorch", fromlist=["LightningModule"]).LightningModule):
+    """A user's module: GPT-2 at its default dropout, AdamW as they would configure it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = _gpt2()
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        return self.model(input_ids=batch, labels=batch).loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def test_zero_order_callback_bf16_true_lr_zero_is_bit_identical(tmp_path) -> None:
+    import lightning.pytorch as pl
+
+    from lightning_zobi import ZeroOrder
+
+    module = _GPT2Module()
+    ids = torch.randint(0, 128, (16, 16), generator=torch.Generator().manual_seed(3))
+    loader = torch.utils.data.DataLoader(ids, batch_size=4)
+    trainer = pl.Trainer(
+        max_steps=8, precision="bf16-true", callbacks=[ZeroOrder(lr=0.0, eps=1e-2, seed=1)], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    start = None
+
+    class Snapshot(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            nonlocal start
+            start = _snapshot(pl_module)
+
+    trainer.callbacks.append(Snapshot())
+    trainer.fit(module, loader)
+    assert trainer.global_step == 8 and start is not None and start[0].dtype == torch.bfloat16
+    assert all(_bits_equal(a, b) for a, b in zip(start, module.parameters(), strict=True))
