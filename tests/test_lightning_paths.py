@@ -327,3 +327,147 @@ def test_qzo_resumes_a_users_own_4bit_module(tmp_path: Path) -> None:
     for a, b, c in zip(absmax(resumed), absmax(straight), absmax(OwnQuantized()), strict=True):
         assert torch.equal(a, b) and not torch.equal(a, c)  # trained, and resumed exactly
     assert "on_load_checkpoint" not in vars(resumed)  # the callback's wrapper was removed
+
+
+# ---------------------------------------------------------------------- gradient clipping
+class Recorder(pl.Callback):
+    """Collects each step's projected gradients (after any clamp) and, optionally, pins the direction."""
+
+    def __init__(self, pin_step: bool = False) -> None:
+        self.grads: list[float] = []
+        self.pin_step = pin_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.pin_step:  # the same direction every step (with lr = 0: the same θ too)
+            trainer.optimizers[0].zo_step = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.grads.extend(trainer.optimizers[0].last_estimate.projected_grads)
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_gradient_clip_val_clamps_the_projected_gradient(algorithm: str, plain_module) -> None:
+    free, clipped = Recorder(), Recorder()
+    quiet_trainer(max_steps=10, callbacks=[ZeroOrder(lr=0.02, seed=1), free], limit_val_batches=0).fit(
+        plain_module, regression_loader()
+    )
+    torch.manual_seed(0)
+    module = PlainRegression()
+    zo = ZeroOrder(lr=0.02, seed=1)
+    trainer = quiet_trainer(
+        max_steps=10, callbacks=[zo, clipped], gradient_clip_val=0.05, gradient_clip_algorithm=algorithm,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, regression_loader())
+    assert trainer.optimizers[0].projected_grad_clip == 0.05
+    assert max(abs(g) for g in free.grads) > 0.05  # the bound bites ...
+    assert all(-0.05 <= g <= 0.05 for g in clipped.grads)  # ... and holds
+    assert trainer.gradient_clip_val == 0.05 and trainer.gradient_clip_algorithm == algorithm  # restored
+
+
+def test_gradient_clip_val_tightens_qzo_clip() -> None:
+    pytest.importorskip("bitsandbytes")
+    from lightning_zobi import QZO
+
+    trainer = quiet_trainer(max_steps=1, callbacks=[QZO(lr=1e-2, clip=100.0)], gradient_clip_val=0.5)
+    trainer.fit(OwnQuantized(), _quant_loader())
+    assert trainer.optimizers[0].clip == 0.5
+
+
+# ---------------------------------------------------------------------- the core's options through the callback
+def test_core_options_reach_the_rule_and_the_module_is_attached(plain_module) -> None:
+    zo = ZeroOrder(lr=0.02, forward_mode="eval", rng="independent", perturbation="inplace", stochastic_rounding=False)
+    trainer = quiet_trainer(max_steps=2, callbacks=[zo], limit_val_batches=0)
+    trainer.fit(plain_module, regression_loader())
+    opt = trainer.optimizers[0]
+    assert (opt.forward_mode, opt.rng, opt.perturbation, opt.stochastic_rounding) == ("eval", "independent", "inplace", False)
+    assert opt.module is plain_module
+    assert plain_module.training  # eval mode only inside the ZO forwards
+    with pytest.raises(ValueError, match="rng='same'"):
+        ZeroOrder(rng="same")
+
+
+def _gpt2_g_at_a_fixed_direction(rng: str, steps: int = 16, global_seed: int = 0, **kwargs) -> list[float]:
+    """g of the step-0 direction at the initial θ (lr = 0), once per batch, fresh dropout draws each step."""
+    module = HFModule("gpt2")
+    rec = Recorder(pin_step=True)
+    torch.manual_seed(global_seed)
+    trainer = quiet_trainer(
+        max_steps=steps, callbacks=[ZeroOrder(lr=0.0, seed=4, rng=rng, **kwargs), rec], limit_val_batches=0,
+    )
+    trainer.fit(module, _same_batch(steps))
+    return rec.grads
+
+
+def _same_batch(steps: int) -> DataLoader:
+    ids, labels = next(iter(token_loader(n=8, batch_size=8)))
+    return DataLoader(TensorDataset(ids.repeat(steps, 1), labels.repeat(steps)), batch_size=8)
+
+
+def test_shared_rng_makes_the_projected_gradient_the_directional_derivative_of_one_draw() -> None:
+    shared = _gpt2_g_at_a_fixed_direction("shared")
+    again = _gpt2_g_at_a_fixed_direction("shared")
+    independent = _gpt2_g_at_a_fixed_direction("independent")
+    evaluated = _gpt2_g_at_a_fixed_direction("shared", forward_mode="eval")
+    assert shared == again  # same step, seed and draws: bit-identical estimates
+    assert len(set(evaluated)) == 1  # eval-mode forwards: no draw at all, one value
+    spread = lambda g: torch.tensor(g).std().item()  # noqa: E731
+    # GPT-2 at its default dropout 0.1: fresh masks per step move g a little with shared draws;
+    # independent ± masks add (L(mask1) − L(mask2)) / 2ε, which swamps it
+    assert spread(independent) > 4 * spread(shared), (spread(shared), spread(independent))
+    assert abs(sum(shared) / len(shared) - evaluated[0]) < 0.5 * abs(evaluated[0])
+
+
+def _gpt2_top_block_fit(rng: str, steps: int = 300) -> tuple[float, float]:
+    """Eval-mode loss before/after ZO on GPT-2's top block (dropout 0.1 during training), same seeds."""
+    module = HFModule("gpt2")
+    ids, _ = next(iter(token_loader(n=8, batch_size=8)))
+
+    def eval_loss() -> float:
+        module.eval()
+        with torch.no_grad():
+            loss = module.model(input_ids=ids, labels=ids).loss.item()
+        module.train()  # Lightning keeps the mode it finds: train with dropout on
+        return loss
+
+    before = eval_loss()
+    torch.manual_seed(0)
+    trainer = quiet_trainer(
+        max_steps=steps, callbacks=[ZeroOrder(lr=1e-2, seed=0, params=r"\.h\.1\.", rng=rng)], limit_val_batches=0,
+    )
+    trainer.fit(module, _same_batch(steps))
+    return before, eval_loss()
+
+
+def test_gpt2_with_default_dropout_learns_with_shared_rng_and_not_with_independent() -> None:
+    before, shared = _gpt2_top_block_fit("shared")
+    _, independent = _gpt2_top_block_fit("independent")
+    assert before - shared > 0.1, (before, shared)
+    assert before - independent < 0.3 * (before - shared), (before, shared, independent)
+
+
+# ---------------------------------------------------------------------- precision
+class Bf16Regression(PlainRegression):
+    """A user's small module trained in bf16 weights (precision="bf16-true")."""
+
+
+@pytest.mark.parametrize("perturbation", ["exact", "inplace"])
+def test_bf16_true_module_lr0_is_bit_identical_only_with_exact_perturbation(perturbation: str) -> None:
+    torch.manual_seed(0)
+    module = Bf16Regression(with_scheduler=False)
+    trainer = quiet_trainer(
+        max_steps=50, precision="bf16-true", limit_val_batches=0,
+        callbacks=[ZeroOrder(lr=0.0, eps=1e-2, perturbation=perturbation)],
+    )
+    before = None
+
+    class Snap(pl.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            nonlocal before
+            before = [p.detach().clone() for p in pl_module.parameters()]
+
+    trainer.callbacks.append(Snap())
+    trainer.fit(module, regression_loader())
+    assert all(p.dtype == torch.bfloat16 for p in module.parameters())
+    same = all(torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))
+    assert same == (perturbation == "exact")  # in-place ±εz rounds in bf16: the weights random-walk
