@@ -30,7 +30,6 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-
 ZO_GROUP_TAG = "zo_rule"
 """Key the ZO callbacks add to each saved parameter group of a ZO optimizer (value: the rule's name)."""
 

@@ -170,7 +170,9 @@ class QZO(ZeroOrder):
         def on_load_checkpoint(checkpoint: dict[str, Any]) -> Any:
             restored = load_4bit_state_(pl_module, checkpoint["state_dict"])
             if restored:
-                rank_zero_info(f"QZO: restored the trained 4-bit states of {len(restored)} layers from the checkpoint.")
+                rank_zero_info(
+                    f"QZO: restored the trained 4-bit states of {len(restored)} layers from the checkpoint."
+                )
             return original(checkpoint)
 
         pl_module.on_load_checkpoint = on_load_checkpoint  # type: ignore[method-assign]

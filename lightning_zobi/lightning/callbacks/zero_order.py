@@ -110,7 +110,9 @@ def is_no_decay(name: str, param: Tensor) -> bool:
 
 def _choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
     if value is not None and value not in allowed:
-        raise ValueError(f"{name}={value!r} is invalid: choose one of {list(allowed)} (or None for the rule's default).")
+        raise ValueError(
+            f"{name}={value!r} is invalid: choose one of {list(allowed)} (or None for the rule's default)."
+        )
 
 
 class ZeroOrder(Callback):
@@ -248,13 +250,15 @@ class ZeroOrder(Callback):
             return
         install_zo_resume_guard()
         strategy = trainer.strategy
-        if isinstance(strategy, ParallelStrategy) and not isinstance(strategy, (ZODDPStrategy, ZOFSDPStrategy)):
+        if isinstance(strategy, ParallelStrategy) and not isinstance(
+            strategy, (ZODDPStrategy, ZOFSDPStrategy)
+        ):
             raise ValueError(
                 f"{self.name} cannot run under strategy={type(strategy).__name__} "
                 f"({getattr(strategy, 'world_size', '?')} processes): it averages gradients in backward, which a "
                 "ZO step never runs, so each rank would apply its own projected gradient and the replicas would "
-                "silently diverge. Use Trainer(strategy=\"zo_ddp\") (all-reduces the projected gradients; "
-                "\"zo_fsdp\" for a sharded model)."
+                'silently diverge. Use Trainer(strategy="zo_ddp") (all-reduces the projected gradients; '
+                '"zo_fsdp" for a sharded model).'
             )
         precision = str(trainer.precision)
         if precision == "16-mixed":
