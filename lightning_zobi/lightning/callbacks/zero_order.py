@@ -141,7 +141,7 @@ class ZeroOrder(Callback):
         max_nonfinite: consecutive NaN/inf losses skipped before the run stops with an error.
         forward_mode: ``"train"`` runs the ZO forwards with the module in train mode (dropout on,
             made harmless by ``rng="shared"``); ``"eval"`` runs them in eval mode, as MeZO does.
-            ``None``: the rule's default.
+            ``None``: the rule's default (``"train"``).
         rng: ``"shared"``: both forwards of a query replay the same CPU/CUDA RNG state, so dropout
             masks, sampled noise and timesteps drawn in ``training_step`` match and ``g`` is the
             directional derivative for that draw; ``"independent"``: each forward draws afresh
@@ -150,7 +150,7 @@ class ZeroOrder(Callback):
         perturbation: ``"exact"``: θ is never written by a perturbation (``θ ± εz`` is
             materialised just in time), so lr = 0 leaves every parameter bit-identical in every
             dtype; ``"inplace"``: MeZO's in-place ``θ += εz`` (rounds in bf16/fp16). ``None``: the
-            rule's default.
+            rule's default (``"exact"``).
         stochastic_rounding: round the update stochastically (seeded by run seed and step, so
             resume stays exact) so that sub-ulp bf16/fp16 updates are not lost; ``None``: on for
             bf16/fp16 parameters.
