@@ -1,10 +1,10 @@
 """One ZO unlearning run with overrides (LoRA, queries, steps, lr) on the cached llm_unlearn stages.
 
-Levers for the ZO GradDiff / NPO rows of ``benchmarks/llm_unlearn.py``: starts from
+Levers for the ZO GradDiff / NPO rows of ``benchmarks/llm_unlearn_recipes.py``: starts from
 ``recipes/llm/unlearn_<method>_zo.yaml``, applies JSON overrides to the model's init_args
 (``"model"``: e.g. ``lora_r``, ``lora_target_modules``, ``alpha``), to the ``ZeroOrder`` callback
 (``"zo"``: ``lr``, ``queries``) and ``max_steps``, runs it through the ``zobi`` CLI from the
-``learn_facts`` checkpoint cached by ``llm_unlearn.py`` (under ``--workdir``; run that first), merges a
+``learn_facts`` checkpoint cached by ``llm_unlearn_recipes.py`` (under ``--workdir``; run that first), merges a
 LoRA adapter into the base model and scores it with ``evaluate_model``. Appends one JSON line to
 ``benchmarks/results/llm_unlearn_zo_levers.jsonl``.
 
@@ -26,7 +26,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import llm_unlearn as bench  # noqa: E402
+import llm_unlearn_recipes as bench  # noqa: E402
 
 from lightning_zobi.lightning.modules.causal_lm import add_lora, build_causal_lm  # noqa: E402
 

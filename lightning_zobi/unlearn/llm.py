@@ -358,6 +358,56 @@ class UnlearningObjective:
         return {"loss": self.forget_weight * f + self.alpha * r, "forget": f.detach(), "retain": r.detach()}
 
 
+# ---------------------------------------------------------------------------- first-order head over a forward-only body
+def untie_lm_head(model: nn.Module) -> bool:
+    """Give a causal LM its own output head, a copy of the input embedding it was tied to; in place.
+
+    With a tied head (``tie_word_embeddings=True``, e.g. small Llamas) a first-order update of
+    ``lm_head`` is a first-order update of the input embedding, so its backward runs through the
+    whole network and keeps every layer's activations. Untied, the backward of a loss with only
+    the head requiring grad stops at the head: it needs only the final hidden states. That is what
+    makes "first-order head, zeroth-order body" (``zo_fo_hybrid`` with ``fo_params`` = the head) a
+    memory-frugal unlearner. Returns True if the head was tied (and is now a separate copy).
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if head is None or embed is None:
+        raise ValueError(f"{type(model).__name__} has no input/output embeddings to untie (not a causal LM?).")
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.tie_word_embeddings = False
+        text = config.get_text_config() if hasattr(config, "get_text_config") else None
+        if text is not None:
+            text.tie_word_embeddings = False
+    if head.weight is not embed.weight:
+        return False
+    head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=embed.weight.requires_grad)
+    return True
+
+
+def forward_only_fraction(model: nn.Module, first_order: str | None) -> float:
+    """Share of ``model``'s parameter elements that no backward pass reaches.
+
+    ``first_order``: regex over parameter names of the first-order part (``None``: none, a pure ZO
+    run, 1.0; ``""``: everything, a first-order run, 0.0). Tied tensors count once.
+    """
+    import re
+
+    pattern = re.compile(first_order) if first_order is not None else None
+    seen: set[int] = set()
+    total = fo = 0
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if pattern is not None and pattern.search(name):
+            fo += p.numel()
+    if total == 0:
+        raise ValueError(f"{type(model).__name__} has no parameters.")
+    return 1.0 - fo / total
+
+
 # ---------------------------------------------------------------------------- weights between stages
 def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     """Load weights saved by an earlier stage into ``model`` (in place) and return it.
