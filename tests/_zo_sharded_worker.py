@@ -63,7 +63,7 @@ def main(out: str) -> None:
     result["perturbed"] = gathered(model)
     directions.perturb_(params, PERTURB_KEY, -0.5)
 
-    opt = ZOSGD(model.parameters(), directions=directions, **ZO_ARGS)
+    opt = ZOSGD(model.parameters(), directions=directions, **ZO_ARGS).attach(model)  # exact, per FSDP unit
     ZODataParallel("shared").attach(opt)
     x, y = data()
     for step in range(STEPS):
@@ -71,6 +71,21 @@ def main(out: str) -> None:
         xb, yb = x[lo : lo + 4], y[lo : lo + 4]
         opt.step(lambda xb=xb, yb=yb: nn.functional.mse_loss(model(xb), yb))
     result["trained"] = gathered(model)
+    result["perturber"] = type(opt.perturber()).__name__
+
+    # bf16 shards, lr=0: exact perturbation per FSDP unit leaves every shard bit-identical
+    half = make_model().bfloat16()
+    fully_shard(half[0], mesh=mesh)
+    fully_shard(half[2], mesh=mesh)
+    fully_shard(half, mesh=mesh)
+    start = {n: p.full_tensor().clone() for n, p in half.named_parameters()}
+    opt = ZOSGD(half.parameters(), directions=ChunkedGaussianDirections(CHUNK), **{**ZO_ARGS, "lr": 0.0})
+    opt.attach(half)
+    for step in range(STEPS):
+        xb = x[8 * step + 4 * rank : 8 * step + 4 * rank + 4].bfloat16()
+        opt.step(lambda xb=xb: half(xb).float().pow(2).mean())
+    result["bf16_lr0_identical"] = all(torch.equal(p.full_tensor(), start[n]) for n, p in half.named_parameters())
+    result["bf16_lr0_grads"] = opt.last_estimate.projected_grads
 
     full = torch.arange(6 * 11, dtype=torch.float64).view(6, 11)
     column_sharded = distribute_tensor(full, mesh, [Shard(1)])

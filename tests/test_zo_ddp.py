@@ -244,6 +244,13 @@ def test_sharded_perturbation_gathers_to_the_unsharded_one(sharded):
     assert sharded[0]["shard1_direction"] == column_sharded.flatten().tolist()
 
 
+def test_sharded_exact_perturbation_is_per_fsdp_unit_and_bit_identical_at_lr_zero(sharded):
+    for rank in (0, 1):
+        assert sharded[rank]["perturber"] == "FSDPJustInTimePerturbation"
+        assert sharded[rank]["bf16_lr0_identical"]
+        assert all(abs(g) > 0 for g in sharded[rank]["bf16_lr0_grads"])  # the perturbation reached the forward
+
+
 def test_sharded_zo_steps_equal_one_process(sharded):
     model = sharded_worker.make_model()
     directions = ChunkedGaussianDirections(sharded_worker.CHUNK)

@@ -305,3 +305,19 @@ def test_zero_order_callback_bf16_true_lr_zero_is_bit_identical(tmp_path) -> Non
     trainer.fit(module, loader)
     assert trainer.global_step == 8 and start is not None and start[0].dtype == torch.bfloat16
     assert all(_bits_equal(a, b) for a, b in zip(start, module.parameters(), strict=True))
+
+
+def test_torch_transformer_eval_fast_path_sees_the_perturbation() -> None:
+    """nn.TransformerEncoderLayer in eval mode reads its sublayers' weights without their forwards."""
+    torch.manual_seed(0)
+    layers = [nn.TransformerEncoderLayer(16, 2, 32, batch_first=True).double().eval() for _ in range(2)]
+    layers[1].load_state_dict(layers[0].state_dict())
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    grads = {}
+    for layer, mode in zip(layers, ("exact", "inplace"), strict=True):
+        opt = ZOSGD(layer.parameters(), lr=1e-3, eps=1e-4, seed=0, perturbation=mode)
+        for _ in range(3):
+            opt.step(lambda layer=layer: layer(x).pow(2).mean())
+        grads[mode] = opt.last_estimate.projected_grads[0]
+    assert grads["exact"] == pytest.approx(grads["inplace"], rel=1e-5)
+    assert abs(grads["exact"]) > 1e-3

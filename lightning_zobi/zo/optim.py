@@ -196,6 +196,7 @@ class ZOOptimizer(Optimizer):
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"attach(module=...) needs a torch.nn.Module, got {type(module).__name__}.")
         self.module = module
+        self._perturbers.clear()  # exact perturbation of sharded parameters depends on the module
         return self
 
     def perturber(self) -> Perturber:
@@ -206,7 +207,9 @@ class ZOOptimizer(Optimizer):
         if perturber is None or len(perturber.params) != len(params) or any(
             a is not b for a, b in zip(perturber.params, params, strict=True)
         ):
-            perturber = make_perturber(self.perturbation, params, self.directions, self.tensor_owners)
+            perturber = make_perturber(
+                self.perturbation, params, self.directions, self.tensor_owners, self.module
+            )
             self._perturbers[self.perturbation] = perturber
         perturber.directions = self.directions
         return perturber

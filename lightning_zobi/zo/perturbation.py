@@ -16,7 +16,9 @@ forwards run under a ``TorchFunctionMode`` that hands any op reading a perturbed
 *not* materialised the materialised ``θ + Σ s·z`` instead (so that forward is already right, and
 a closure is never run twice) and records it; such tensors are from then on materialised for the
 whole forward. Reads of metadata (dtype, shape, device) do not count. A tensor first read outside
-its module in a later step (a branch never taken at the first step) is not caught. Process-wide forward hooks (``register_module_forward_pre_hook``) are only
+its module in a later step (a branch never taken at the first step) is not caught. torch's
+``nn.MultiheadAttention``/``nn.TransformerEncoderLayer`` eval fast path, which reads sublayer
+weights without calling their forwards, is switched off during perturbed forwards. Process-wide forward hooks (``register_module_forward_pre_hook``) are only
 installed while a perturbed forward runs.
 
 Memory: the materialised tensors of the module running now (≈ one block), plus the tensors
@@ -281,6 +283,10 @@ class JustInTimePerturbation(Perturber):
 
     # ------------------------------------------------------------------ evaluation
     def _run(self, closure: Callable[[], Any], watch: bool) -> Any:
+        # torch's fused MultiheadAttention / TransformerEncoderLayer fast path (eval mode) reads the
+        # sublayers' weights without calling their forwards: off while a perturbed forward runs
+        fastpath = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
         hooks = [
             nn.modules.module.register_module_forward_pre_hook(self._pre_hook),
             nn.modules.module.register_module_forward_hook(self._post_hook, always_call=True),
@@ -297,6 +303,7 @@ class JustInTimePerturbation(Perturber):
         finally:
             for h in hooks:
                 h.remove()
+            torch.backends.mha.set_fastpath_enabled(fastpath)
             self._internal = True
             for i in list(self._saved):  # whole-forward tensors, and any a failed forward left swapped
                 self._depth[i] = 1
@@ -318,20 +325,110 @@ class JustInTimePerturbation(Perturber):
         return loss
 
 
+class FSDPJustInTimePerturbation(Perturber):
+    """Exact perturbation of FSDP2-sharded parameters: ``θ + Σ s·z`` materialised per FSDP unit.
+
+    FSDP2 all-gathers a unit's shards into persistent unsharded parameters in its forward
+    pre-hook and frees them in its post-hook. A pre-hook registered *after* FSDP's points each
+    unsharded parameter at a materialised ``θ_full + Σ s·z_full`` (the shard-invariant direction of
+    :class:`~lightning_zobi.zo.sharded.ChunkedGaussianDirections`, generated for the whole tensor,
+    so every rank materialises the same values), and a post-hook registered *before* FSDP's points
+    it back, so the shards are never written by a perturbation.
+
+    Memory: one unit's unsharded parameters twice (FSDP's gathered copy and the materialised one).
+    """
+
+    def __init__(self, params: Sequence[Tensor], directions: Directions, units: list[tuple[nn.Module, list]]) -> None:
+        super().__init__(params, directions)
+        self.units = units
+        self._terms: Terms = ()
+        self._saved: list[tuple[Tensor, Tensor]] = []
+
+    def _pre_hook(self, module: nn.Module, args: Any) -> None:
+        for unit, entries in self.units:
+            if unit is module:
+                for index, fsdp_param in entries:
+                    full = fsdp_param.unsharded_param
+                    compute = torch.float32 if full.dtype in (torch.bfloat16, torch.float16) else full.dtype
+                    out = full.detach().to(compute, copy=True)
+                    for key, scale in self._terms:
+                        s = _scale_at(scale, index)
+                        if s:
+                            self.directions.accumulate_(out, full.detach(), index, key, s)
+                    self._saved.append((full, full.data))
+                    full.data = out.to(full.dtype)
+
+    def _post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        ids = {id(fp.unsharded_param) for unit, entries in self.units if unit is module for _, fp in entries}
+        keep = []
+        for full, data in self._saved:
+            if id(full) in ids:
+                full.data = data
+            else:
+                keep.append((full, data))
+        self._saved = keep
+
+    def loss_at(self, closure: Callable[[], Any], terms: Terms) -> Any:
+        self._terms = list(terms)
+        hooks = []
+        for unit, _ in self.units:
+            hooks.append(unit.register_forward_pre_hook(self._pre_hook))
+            hooks.append(unit.register_forward_hook(self._post_hook, prepend=True, always_call=True))
+        try:
+            return _loss_of(closure)
+        finally:
+            for h in hooks:
+                h.remove()
+            for full, data in self._saved:
+                full.data = data
+            self._saved = []
+
+
+def fsdp_units(module: nn.Module | None, params: Sequence[Tensor]) -> list[tuple[nn.Module, list]] | None:
+    """``[(FSDP unit, [(param index, FSDPParam)])]`` covering every sharded parameter, or None."""
+    if module is None:
+        return None
+    try:
+        from torch.distributed.fsdp._fully_shard._fsdp_state import _get_module_fsdp_state
+    except ImportError:  # pragma: no cover - older torch
+        return None
+    index = {id(p): i for i, p in enumerate(params)}
+    units, covered = [], set()
+    for sub in module.modules():
+        state = _get_module_fsdp_state(sub)
+        group = getattr(state, "_fsdp_param_group", None) if state is not None else None
+        if group is None:
+            continue
+        entries = [(index[id(fp.sharded_param)], fp) for fp in group.fsdp_params if id(fp.sharded_param) in index]
+        if entries:
+            units.append((sub, entries))
+            covered |= {i for i, _ in entries}
+    sharded = {i for i, p in enumerate(params) if is_sharded(p)}
+    return units if units and sharded <= covered and covered == set(range(len(params))) else None
+
+
 def make_perturber(
-    mode: str, params: Sequence[Tensor], directions: Directions, owners: dict[int, nn.Module] | None = None
+    mode: str,
+    params: Sequence[Tensor],
+    directions: Directions,
+    owners: dict[int, nn.Module] | None = None,
+    module: nn.Module | None = None,
 ) -> Perturber:
     """The perturber for ``perturbation=mode``.
 
-    Sharded parameters (FSDP2 / tensor-parallel ``DTensor`` s) are perturbed in place even under
-    ``"exact"``: FSDP2 all-gathers from its own shard storage into fresh unsharded parameters, so a
-    swap of the sharded tensor's data would never reach the forward (a warning says so once).
+    Sharded parameters (FSDP2 ``DTensor`` s) are materialised per FSDP unit when the optimizer is
+    attached to the sharded model (the ``ZeroOrder`` callback attaches it; plain PyTorch:
+    ``opt.attach(model)``). Otherwise, and for sharding FSDP2 does not manage (tensor parallel),
+    they are perturbed in place, with a warning.
     """
     if mode == "exact" and any(is_sharded(p) for p in params):
+        units = fsdp_units(module, params)
+        if units is not None:
+            return FSDPJustInTimePerturbation(params, directions, units)
         warnings.warn(
-            "perturbation='exact' is not available for sharded (FSDP2/DTensor) parameters yet: this optimizer "
-            "perturbs them in place (each write rounds; updates still use stochastic rounding). Use fp32 "
-            "parameters under zo_fsdp where bit-exact restores matter.",
+            "perturbation='exact' needs the FSDP2-sharded model to materialise θ ± εz per unit: call "
+            "opt.attach(model) (ZeroOrder does). Without it, or for DTensors FSDP2 does not manage, this "
+            "optimizer perturbs them in place (each write rounds; updates still use stochastic rounding).",
             stacklevel=3,
         )
         return InPlacePerturbation(params, directions)
