@@ -515,21 +515,7 @@ def test_bf16_true_module_lr0_is_bit_identical_only_with_exact_perturbation(pert
     assert same == (perturbation == "exact")  # in-place ±εz rounds in bf16: the weights random-walk
 
 
-@pytest.mark.parametrize(
-    "perturbation",
-    [
-        "inplace",
-        pytest.param(
-            "exact",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="core bug: exact perturbation misses the weights nn.TransformerEncoderLayer's eval fast "
-                "path (torch._transformer_encoder_layer_fwd) reads directly: g is -0.32 on step 1 and ~0 after, "
-                "the true value -0.64 (train mode is right)",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("perturbation", ["inplace", "exact"])
 def test_demo_transformer_eval_mode_forwards_see_no_dropout(perturbation: str) -> None:
     """Lightning's demo ``LightningTransformer`` (dropout 0.2): forward_mode="eval" as MeZO, train mode kept outside."""
     from lightning.pytorch.demos.transformer import LightningTransformer
