@@ -389,20 +389,19 @@ def forward_only_fraction(model: nn.Module, first_order: str | None) -> float:
     """Share of ``model``'s parameter elements that no backward pass reaches.
 
     ``first_order``: regex over parameter names of the first-order part (``None``: none, a pure ZO
-    run, 1.0; ``""``: everything, a first-order run, 0.0). Tied tensors count once.
+    run, 1.0; ``""``: everything, a first-order run, 0.0). A tied tensor counts once, as first-order
+    if any of its names matches (a tied ``lm_head`` makes the input embedding first-order too).
     """
     import re
 
     pattern = re.compile(first_order) if first_order is not None else None
-    seen: set[int] = set()
-    total = fo = 0
+    sizes: dict[int, int] = {}
+    first: set[int] = set()
     for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += p.numel()
+        sizes[id(p)] = p.numel()
         if pattern is not None and pattern.search(name):
-            fo += p.numel()
+            first.add(id(p))
+    total, fo = sum(sizes.values()), sum(sizes[i] for i in first)
     if total == 0:
         raise ValueError(f"{type(model).__name__} has no parameters.")
     return 1.0 - fo / total

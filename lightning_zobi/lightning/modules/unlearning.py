@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from lightning_zobi.lightning.datamodules.facts import load_tokenizer
 from lightning_zobi.lightning.modules.causal_lm import CausalLMModule, add_lora, build_causal_lm
-from lightning_zobi.unlearn.llm import METHODS, UnlearningObjective, load_weights
+from lightning_zobi.unlearn.llm import METHODS, UnlearningObjective, load_weights, untie_lm_head
 from lightning_zobi.unlearn.metrics import UnlearningEvaluator, score_batch
 
 _DEFAULT_BETA = {"npo": 0.1, "simnpo": 2.5}
@@ -70,6 +70,11 @@ class UnlearningModule(CausalLMModule):
         rmu_layer, rmu_coeff, rmu_seed: RMU's steered layer, steering coefficient and direction seed.
         trainable: regex over parameter names; only matching parameters train (RMU updates a few
             layers only). None: all (or the LoRA adapter).
+        untie_head: give the model an output head of its own (a copy of the input embedding it was
+            tied to) after ``init_from`` is loaded. A first-order update of a tied head back-propagates
+            through the whole network; an untied one stops at the head, which is what the
+            first-order-head / zeroth-order-body hybrid (``ZeroOrder(optimizer="zo_fo_hybrid",
+            optimizer_kwargs={"fo_params": "lm_head"})``) needs to keep activation memory small.
         init_from: weights to start from (the ``learn_facts`` checkpoint).
         retain_model_from: weights of a model trained on retain data only (enables forget quality).
         tokenizer: "bytes" or a local tokenizer path (decodes generations for the metrics).
@@ -90,6 +95,7 @@ class UnlearningModule(CausalLMModule):
         rmu_coeff: float = 20.0,
         rmu_seed: int = 0,
         trainable: str | None = None,
+        untie_head: bool = False,
         init_from: str | None = None,
         retain_model_from: str | None = None,
         tokenizer: str = "bytes",
@@ -134,6 +140,8 @@ class UnlearningModule(CausalLMModule):
         )
         if init_from is not None:
             load_weights(self.model, init_from)
+        if untie_head:
+            untie_lm_head(self.model)
         if lora_r > 0:
             self.model = add_lora(self.model, lora_r, lora_alpha, lora_dropout, lora_target_modules)
         if trainable is not None:
