@@ -15,6 +15,7 @@ A rule sees only ``(seed, g)`` pairs; a rule that needs past directions regenera
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -477,18 +478,38 @@ class ZOSGDMomentum(ZOOptimizer):
 
 
 class ZOSign(ZOOptimizer):
-    """ZO-signSGD: ``θ ← θ − lr · sign(ĝ)``.
+    """ZO-signSGD: the sign of the projected gradient (``variant="direction"``) or of ``ĝ`` (``"coordinate"``).
 
-    From "signSGD via Zeroth-Order Oracle" (Liu, Chen, Chen, Hong, ICLR 2019). Every coordinate
-    moves by exactly ``lr``, whatever the magnitude of the projected gradient, which makes the
-    step robust to the heavy-tailed ``g`` of a noisy two-point estimate (and to a badly scaled
-    loss); ``lr`` is therefore an absolute step size (try 1e-5..1e-3, far above ZO-SGD's).
+    ``variant="direction"`` (default) is ZO-Bench's ``zo_sign_opt`` ("Revisiting Zeroth-Order
+    Optimization for Memory-Efficient LLM Fine-Tuning: A Benchmark", arXiv 2402.11592):
+    ``θ ← θ − lr · mean_k sign(g_k)·z_k``, a ZO-SGD step whose length no longer depends on ``|g|``
+    (ZO-Bench sums over queries; with one query the two agree). ``variant="coordinate"`` is the
+    coordinate-wise ``θ ← θ − lr · sign(ĝ)`` of "signSGD via Zeroth-Order Oracle" (Liu, Chen, Chen,
+    Hong, ICLR 2019): every coordinate moves by exactly ``lr``. Both make the step robust to the
+    heavy-tailed ``g`` of a noisy two-point estimate; tune ``lr`` as an absolute step size.
 
     Memory: none beyond one parameter-sized temporary.
     """
 
+    VARIANTS = ("direction", "coordinate")
+
+    def __init__(self, *args: Any, variant: str = "direction", **kwargs: Any) -> None:
+        if variant not in self.VARIANTS:
+            raise ValueError(
+                f"variant={variant!r} is invalid: use 'direction' (sign(g)·z, ZO-Bench's default) or 'coordinate' "
+                "(sign of the estimated gradient, Liu et al. 2019)."
+            )
+        super().__init__(*args, **kwargs)
+        self.variant = variant
+
+    def _update(self, estimate: Estimate) -> None:
+        if self.variant == "direction":
+            signs = [math.copysign(1.0, g) if g else 0.0 for g in estimate.projected_grads]
+            estimate = dataclasses.replace(estimate, projected_grads=signs)
+        super()._update(estimate)
+
     def apply_rule(self, param: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
-        param.add_(grad.sign_(), alpha=-group["lr"])
+        param.add_(grad.sign_() if self.variant == "coordinate" else grad, alpha=-group["lr"])
 
 
 class ZOAdam(ZOOptimizer):
@@ -554,18 +575,29 @@ class ZOSGDCons(ZOOptimizer):
     As benchmarked in "Revisiting Zeroth-Order Optimization for Memory-Efficient LLM Fine-Tuning:
     A Benchmark" (Zhang et al., arXiv 2402.11592): after the estimate, the losses at
     ``θ − lr·ĝ`` and ``θ + lr·ĝ`` are evaluated (2 extra forwards per step) and the step keeps the
-    lowest of those two and the loss at ``θ`` (for central differences the reference is the mean
-    of ``L(θ±εz)``, ``L(θ) + O(ε²)``; for forward differences it is ``L(θ)`` exactly). A wrong-sign
+    lowest of those two and the loss at ``θ``: ``reference="forward"`` (default) evaluates
+    ``L(θ)`` with one more forward, as ZO-Bench's ``zo_conserv_step``; ``reference="mean"`` uses
+    the mean of ``L(θ±εz)`` (``L(θ) + O(ε²)``, no extra forward), which in high dimension with a
+    large ε accepts uphill moves. Forward differences have ``L(θ)`` already. A wrong-sign
     estimate is thus turned around and a harmful one rejected. Weight decay, if any, is applied
     as a decoupled shrink after the comparison. The two extra evaluations see the same random draws
     as the estimate's forwards (``rng="shared"``) and, under exact perturbation, never write θ. :attr:`last_choice` is -1 (descent), +1 (ascent
     direction) or 0 (stayed).
 
-    Cost: 4 forwards per step with one central query (2 + 2). Memory: none extra.
+    Cost: 5 forwards per step with one central query (2 + 3; 4 with ``reference="mean"``).
+    Memory: none extra.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    REFERENCES = ("forward", "mean")
+
+    def __init__(self, *args: Any, reference: str = "forward", **kwargs: Any) -> None:
+        if reference not in self.REFERENCES:
+            raise ValueError(
+                f"reference={reference!r} is invalid: use 'forward' (one extra forward at θ, ZO-Bench's default) "
+                "or 'mean' (the mean of L(θ±εz), no extra forward; O(ε²)-biased)."
+            )
         super().__init__(*args, **kwargs)
+        self.reference = reference
         self.last_choice = 0
 
     def _offset(self, estimate: Estimate, multiple: float) -> list[tuple[DirectionKey, list[float]]]:
@@ -589,7 +621,10 @@ class ZOSGDCons(ZOOptimizer):
         loss_minus = self._loss_at(estimate, -1.0)
         loss_plus = self._loss_at(estimate, 1.0)
         self._restore(Estimate([], [], 0.0, pending=self.perturber().finish()))
-        candidates = {0: estimate.loss, -1: loss_minus, 1: loss_plus}
+        here = estimate.loss
+        if self.reference == "forward" and self.difference == "central":
+            here = self._loss_at(estimate, 0.0)  # L(θ) itself, as ZO-Bench's zo_conserv_step
+        candidates = {0: here, -1: loss_minus, 1: loss_plus}
         choice = min(candidates, key=lambda c: (candidates[c], abs(c)))
         q = len(estimate.keys)
         for index, p, group in self._indexed():
@@ -611,8 +646,10 @@ class LOZO(ZOOptimizer):
     From "Enhancing Zeroth-order Fine-tuning for Language Models with Low-rank Structures"
     (Chen, Zhang, Cao, Yuan, Wen; ICLR 2025; arXiv 2410.07698). For each ``m×n`` weight the
     direction is ``U Vᵀ`` with ``U`` (``m×r``) resampled every step and ``V`` (``n×r``) every
-    ``nu`` steps (:class:`~lightning_zobi.zo.directions.LowRankDirections`); the estimate is the
-    paper's unbiased ``ĝ = g · U Vᵀ / r`` and ``θ ← θ − lr·ĝ``. Other parameters use dense
+    ``nu`` steps (:class:`~lightning_zobi.zo.directions.LowRankDirections`) and
+    ``θ ← θ − lr·g·U Vᵀ``, as the LOZO code (``lowrank_zo_update``); ``unbiased=True`` divides by
+    ``r``, which makes ``g·U Vᵀ/r`` an unbiased gradient estimate (``E[Z⟨G, Z⟩] = r·G``) at the cost
+    of ``r``× smaller steps at the same ``lr``. Other parameters use dense
     Gaussian directions and plain ZO-SGD. The update is one ``addmm_`` per weight (with the
     restore folded in under in-place perturbation), so no dense ``m×n`` direction is formed.
 
@@ -628,10 +665,16 @@ class LOZO(ZOOptimizer):
         *,
         rank: int = 2,
         nu: int = 50,
+        unbiased: bool = False,
         **kwargs: Any,
     ) -> None:
         _reject_directions(type(self).__name__, kwargs)
         super().__init__(params, lr, eps, weight_decay, directions=LowRankDirections(rank, nu), **kwargs)
+        self.unbiased = bool(unbiased)
+
+    def matrix_scale(self, param: Tensor) -> float:
+        """Factor of ``g·U Vᵀ`` in the update: 1 as the LOZO code (default), ``1/r`` with ``unbiased=True``."""
+        return self.lowrank.grad_scale(param) if self.unbiased else 1.0
 
     @property
     def lowrank(self) -> LowRankDirections:
@@ -645,7 +688,7 @@ class LOZO(ZOOptimizer):
             decay = group["lr"] * group["weight_decay"]
             alphas: dict[DirectionKey, float] = {}
             for key, g in zip(estimate.keys, estimate.projected_grads, strict=True):
-                alphas[key] = alphas.get(key, 0.0) - group["lr"] * g * d.grad_scale(p) / q
+                alphas[key] = alphas.get(key, 0.0) - group["lr"] * g * self.matrix_scale(p) / q
             if estimate.pending is None and not decay and not any(alphas.values()):
                 continue
             with self._writable(p, index) as w:
@@ -661,8 +704,9 @@ class LOZOM(LOZO):
     """LOZO-M: LOZO with momentum kept in the small factor space.
 
     From arXiv 2410.07698 (Chen et al., ICLR 2025). Within a lazy period ``V`` is fixed, so the
-    momentum of a weight is ``N Vᵀ`` with ``N`` (``m×r``):
-    ``N ← β·N + (1−β)·mean_k g_k U_k`` and ``θ ← θ − lr · N Vᵀ / r``. When ``V`` is resampled the
+    momentum of a weight is ``N Vᵀ`` with ``N`` (``m×r``): ``N ← β·N + (1−β)·mean_k g_k U_k``
+    (``N`` starts at the first estimate, as the LOZO code's ``lowrank_zo_update_momentum``) and
+    ``θ ← θ − lr · N Vᵀ`` (``/ r`` with ``unbiased=True``). When ``V`` is resampled the
     old momentum is carried into the new subspace as ``N ← N (V_oldᵀ V_new) / n`` (both ``V``
     regenerated from their seeds). Non-matrix parameters keep a dense EMA buffer of ``ĝ``.
     ``beta`` defaults to 0.9 unless a param group carries its own.
@@ -707,24 +751,26 @@ class LOZOM(LOZO):
         if d.is_matrix(p):
             v = d.v_factor(p, index, self.seed, period).to(w.dtype)
             n_buf = state.get("lozo_n")
-            if n_buf is None:
+            first = n_buf is None  # the LOZO code starts the momentum at the first estimate g·U
+            if first:
                 n_buf = torch.zeros(p.shape[0], d.rank, dtype=w.dtype, device=p.device)
             elif state["lozo_period"] != period:
                 v_old = d.v_factor(p, index, self.seed, state["lozo_period"]).to(w.dtype)
                 n_buf = n_buf @ (v_old.T @ v) / p.shape[1]
-            n_buf.mul_(beta)
+            n_buf.mul_(0.0 if first else beta)
             for key, g in zip(estimate.keys, estimate.projected_grads, strict=True):
-                n_buf.add_(d.u_factor(p, index, key).to(n_buf.dtype), alpha=(1.0 - beta) * g / q)
+                n_buf.add_(d.u_factor(p, index, key).to(n_buf.dtype), alpha=(1.0 if first else 1.0 - beta) * g / q)
             state["lozo_n"], state["lozo_period"] = n_buf, period
-            w.addmm_(n_buf, v.T, alpha=-group["lr"] / d.rank)
+            w.addmm_(n_buf, v.T, alpha=-group["lr"] * self.matrix_scale(p))
         else:
             grad = torch.zeros_like(w)
             for key, g in zip(estimate.keys, estimate.projected_grads, strict=True):
                 d.accumulate_(grad, p, index, key, g / q)
             buf = state.get("momentum_buffer")
             if buf is None:
-                buf = state["momentum_buffer"] = torch.zeros_like(w)
-            buf.mul_(beta).add_(grad, alpha=1.0 - beta)
+                buf = state["momentum_buffer"] = grad
+            else:
+                buf.mul_(beta).add_(grad, alpha=1.0 - beta)
             w.add_(buf, alpha=-group["lr"])
 
 
