@@ -14,8 +14,9 @@ The rule is deliberately not in ``lightning_zobi.zo.OPTIMIZERS``: ``ZeroOrder(op
 trains module parameters, while QZO must train the scales, which the ``QZO`` callback finds.
 """
 
+from lightning_zobi.quant.backends import qzo_optimizer
 from lightning_zobi.quant.convert import keep_cpu_layout_, load_4bit_state_, quantize_linear_4bit_
-from lightning_zobi.quant.qzo import DEFAULT_CLIP, QZOOptimizer, QZORule, qzo_optimizer
+from lightning_zobi.quant.qzo import DEFAULT_CLIP, QZOOptimizer, QZORule
 from lightning_zobi.quant.scales import (
     SCALE_ADAPTERS,
     BitsAndBytes4bitAdapter,

@@ -29,8 +29,9 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightning_zobi.lightning.callbacks.zero_order import ZeroOrder
+from lightning_zobi.quant.backends import qzo_optimizer
 from lightning_zobi.quant.convert import load_4bit_state_
-from lightning_zobi.quant.qzo import DEFAULT_CLIP, QZORule, qzo_optimizer
+from lightning_zobi.quant.qzo import DEFAULT_CLIP, QZORule
 from lightning_zobi.quant.scales import QuantScales, find_quant_scales
 
 
