@@ -36,6 +36,8 @@ from lightning_zobi.zo import (
     ZOSign,
     build_optimizer,
 )
+from lightning_zobi.zo.coordinate import ZOCGE, CoordinateDirections  # registers the "zo_cge" rule
+from lightning_zobi.zo.diagnostics import HessianTrace, hessian_trace
 
 __version__ = "0.1.0"
 
@@ -104,6 +106,10 @@ __all__ = [
     "ZOSGDCons",
     "ZOSGDMomentum",
     "ZOSign",
+    "ZOCGE",
+    "CoordinateDirections",
+    "HessianTrace",
+    "hessian_trace",
     "ZeroOrder",
     "__version__",
     "build_optimizer",

@@ -106,10 +106,14 @@ def hessian_trace(
         no_grad = [*optimizer._params(), *optimizer.no_grad_params]
     else:
         if params is None:
-            raise ValueError("hessian_trace needs an optimizer (its perturber and seed) or params=[...] to trace.")
+            raise ValueError(
+                "hessian_trace needs an optimizer (its perturber and seed) or params=[...] to trace."
+            )
         params = list(params)
         if not params:
-            raise ValueError("hessian_trace got an empty params list: pass the tensors whose Hessian trace to estimate.")
+            raise ValueError(
+                "hessian_trace got an empty params list: pass the tensors whose Hessian trace to estimate."
+            )
         perturber = make_perturber("exact", params, directions, None, module)
         saved_directions = directions
         run_seed = 0 if seed is None else int(seed)
