@@ -11,17 +11,24 @@ synchronised around every step, median reported), with the peak allocated memory
   7 Philox rounds; ``_exact``: libdevice's exact log/sqrt/sin/cos instead of the approximations;
   ``_w8`` / ``_w2``: 8 / 2 warps per program instead of 4; ``_narrow``: Philox products by
   ``umulhi`` + a low multiply instead of one 32×32→64 multiply);
-* ``zo_torch``: :class:`~lightning_zobi.zo.optim.ZOSGD` on the torch path (3 passes, ``torch.randn``);
-* ``zo_fused3``: :class:`~lightning_zobi.zo.fused.FusedZOSGD`, no look-ahead (3 fused passes);
-* ``zo_fused``: ``FusedZOSGD`` with the model guarded, so the next ``+εz`` is folded (2 passes);
+* ``zo_torch``: :class:`~lightning_zobi.zo.optim.ZOSGD` on the torch path, exact perturbation (the
+  default: ``θ ± εz`` materialised per module, ``torch.randn``); ``zo_torch_inplace``: in place (3 passes);
+* ``zo_fused_exact``: :class:`~lightning_zobi.zo.fused.FusedZOSGD` at its default, exact
+  perturbation: two fused materialisations per step (:class:`~lightning_zobi.zo.fused.FusedJustInTime`,
+  a few tensors per launch) and one update pass with stochastic rounding; θ never written by a
+  perturbation (bit-identical at lr = 0);
+* ``zo_fused3``: ``FusedZOSGD(perturbation="inplace")``, no look-ahead (3 fused passes);
+* ``zo_fused``: ``FusedZOSGD(perturbation="inplace")`` with the model guarded, so the next ``+εz``
+  is folded (2 passes): the in-place figure of earlier runs;
 * ``zo_fused3_r7`` / ``zo_fused_r7``: the same two with 7 Philox rounds instead of 10;
 * ``mezo``: a faithful MeZO-style step written here (Malladi et al., arXiv 2305.17333, as their
   trainer does it): ``torch.manual_seed(s)`` then per parameter
   ``z = torch.normal(0, 1, size, dtype)`` and ``param.data = param.data + scale * z * eps``, for
   +1, -2, +1, then the update regenerates ``z`` again: 4 passes;
-* ``lozo`` / ``lozo_fused``: the LOZO rule (rank 2) on its torch path / on the fused Triton path
-  (:class:`~lightning_zobi.zo.fused_lowrank.FusedLOZO`: ``U Vᵀ`` drawn inside a tiled kernel; the
-  model guarded, so the next ``U Vᵀ`` is folded: 2 passes);
+* ``lozo`` / ``lozo_fused``: the LOZO rule (rank 2) on its torch path (exact) / on the fused Triton
+  path in place (:class:`~lightning_zobi.zo.fused_lowrank.FusedLOZO`: ``U Vᵀ`` drawn inside a tiled
+  kernel; the model guarded, so the next ``U Vᵀ`` is folded: 2 passes); ``lozo_fused_exact``: fused,
+  exact perturbation (the default);
 * ``adamw``: first-order training step (forward + backward + fused ``torch.optim.AdamW``);
 * ``forward_end``: the forward again, last, to see drift over the run.
 
@@ -80,26 +87,29 @@ KERNELS = {  # name: (directions per pass, Philox rounds, fast math, warps per p
     "kernel2_w2": (2, 10, True, 2, True),
     "kernel2_narrow": (2, 10, True, 4, False),
 }
-FUSED_STEPS = {  # name: (lookahead, Philox rounds)
-    "zo_fused3": (False, 10),
-    "zo_fused": (None, 10),
-    "zo_fused3_r7": (False, 7),
-    "zo_fused_r7": (None, 7),
+FUSED_STEPS = {  # name: (lookahead, Philox rounds, perturbation)
+    "zo_fused_exact": (None, 10, "exact"),
+    "zo_fused3": (False, 10, "inplace"),
+    "zo_fused": (None, 10, "inplace"),
+    "zo_fused3_r7": (False, 7, "inplace"),
+    "zo_fused_r7": (None, 7, "inplace"),
 }
 ALL_VARIANTS = [
     "forward",
     "pass",
     *KERNELS,
     "zo_torch",
+    "zo_torch_inplace",
     *FUSED_STEPS,
     "mezo",
     "lozo",
     "lozo_fused",
+    "lozo_fused_exact",
     "adamw",
     "forward_end",
 ]
 """``forward_end`` repeats the forward last, to show clock drift over the run (ratios use ``forward``)."""
-FUSED_VARIANTS = set(KERNELS) | set(FUSED_STEPS) | {"lozo_fused"}
+FUSED_VARIANTS = set(KERNELS) | set(FUSED_STEPS) | {"lozo_fused", "lozo_fused_exact"}
 LR, EPS = 1e-7, 1e-3
 
 
@@ -235,15 +245,16 @@ class _Bench:
             finally:
                 opt.zero_grad(set_to_none=True)
                 self.model.eval()
-        if name == "zo_torch":
-            zo = ZOSGD(params, lr=LR, eps=EPS)
-        elif name in ("lozo", "lozo_fused"):
-            zo = build_optimizer("lozo", params, fused=name == "lozo_fused", lr=LR, eps=EPS, rank=2)
-            if name == "lozo_fused":
-                zo.guard(self.model)  # as ZeroOrder does: the next U Vᵀ is folded into the update pass
+        if name in ("zo_torch", "zo_torch_inplace"):
+            zo = ZOSGD(params, lr=LR, eps=EPS, perturbation="inplace" if name.endswith("inplace") else "exact")
+        elif name in ("lozo", "lozo_fused", "lozo_fused_exact"):
+            mode = "inplace" if name == "lozo_fused" else "exact"
+            zo = build_optimizer("lozo", params, fused=name != "lozo", lr=LR, eps=EPS, rank=2, perturbation=mode)
+            if name != "lozo":
+                zo.guard(self.model)  # as ZeroOrder does: in place, the next U Vᵀ is folded into the update pass
         elif name in FUSED_STEPS:
-            lookahead, rounds = FUSED_STEPS[name]
-            zo = FusedZOSGD(params, lr=LR, eps=EPS, lookahead=lookahead, rounds=rounds)
+            lookahead, rounds, mode = FUSED_STEPS[name]
+            zo = FusedZOSGD(params, lr=LR, eps=EPS, lookahead=lookahead, rounds=rounds, perturbation=mode)
             if lookahead is None:
                 zo.guard(self.model)  # folds the next +εz; outside forwards/state_dict unperturb first
         else:
@@ -330,14 +341,14 @@ def table(results: dict[str, Any]) -> str:
             f"\n{shape}: {out['params'] / 1e9:.2f} B params, batch {out['batch'][0]}×{out['batch'][1]}, {out['dtype']}"
             + (f"; floor (2 fwd + 2 passes) = {floor:.3f}× 2 fwd" if floor else "")
         )
-        lines.append(f"| {'variant':<12} | {'ms':>9} | {'× 2 fwd':>8} | {'peak GiB':>9} | {'× infer':>8} |")
-        lines.append(f"|{'-' * 14}|{'-' * 11}:|{'-' * 9}:|{'-' * 10}:|{'-' * 9}:|")
+        lines.append(f"| {'variant':<16} | {'ms':>9} | {'× 2 fwd':>8} | {'peak GiB':>9} | {'× infer':>8} |")
+        lines.append(f"|{'-' * 18}|{'-' * 11}:|{'-' * 9}:|{'-' * 10}:|{'-' * 9}:|")
         for name, r in out["variants"].items():
             if "ms" not in r:
-                lines.append(f"| {name:<12} | {next(iter(r.values()))[:60]} |")
+                lines.append(f"| {name:<16} | {next(iter(r.values()))[:60]} |")
                 continue
             lines.append(
-                f"| {name:<12} | {r['ms']:9.2f} | {r.get('ratio_2fwd', float('nan')):8.3f} | "
+                f"| {name:<16} | {r['ms']:9.2f} | {r.get('ratio_2fwd', float('nan')):8.3f} | "
                 f"{r['peak_gib']:9.2f} | {r.get('mem_ratio', float('nan')):8.3f} |"
             )
     return "\n".join(lines)

@@ -91,11 +91,16 @@ def test_regenerates_identically_and_in_place_adds_the_same_direction(device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("difference", ["central", "forward"])
 def test_lr_zero_step_restores_within_the_torch_bound(device, dtype, difference):
-    """lr=0, no look-ahead: |Δ| ≤ 3u(|θ| + ε|z|) per element, the torch path's bound."""
+    """In place, lr=0, no look-ahead: |Δ| ≤ 3u(|θ| + ε|z|) per element, the torch path's bound.
+
+    (The default exact path leaves θ bit-identical: ``tests/test_fused_exact.py``.)
+    """
     model = tiny_mlp(dtype=dtype, device=device)
     before = [p.detach().clone() for p in model.parameters()]
     eps = 1e-3
-    opt = FusedZOSGD(model.parameters(), lr=0.0, eps=eps, difference=difference, seed=5, lookahead=False)
+    opt = FusedZOSGD(
+        model.parameters(), lr=0.0, eps=eps, difference=difference, seed=5, lookahead=False, perturbation="inplace"
+    )
     opt.step(mse_closure(model))
     u, key = UNIT[dtype], opt.keys_for_step(0)[0]
     for index, (p, p0) in enumerate(zip(model.parameters(), before, strict=True)):
@@ -111,7 +116,7 @@ def test_lookahead_then_unperturb_restores(device, dtype):
     model = tiny_mlp(dtype=dtype, device=device)
     before = [p.detach().clone() for p in model.parameters()]
     eps = 1e-3
-    opt = FusedZOSGD(model.parameters(), lr=0.0, eps=eps, seed=5, lookahead=True)
+    opt = FusedZOSGD(model.parameters(), lr=0.0, eps=eps, seed=5, lookahead=True, perturbation="inplace")
     opt.step(mse_closure(model))
     assert opt.perturbed
     opt.unperturb()
@@ -134,9 +139,10 @@ def test_fused_update_equals_torch_update_for_the_same_estimate(device, dtype, t
         {"params": list(m[0].parameters()), "lr": 0.05, "weight_decay": 0.1},
         {"params": list(m[2].parameters())},
     ]
-    fused = FusedZOSGD(groups(a), lr=0.02, eps=1e-3, seed=3, queries=queries, lookahead=False)
+    inplace = dict(perturbation="inplace")  # θ − εz is applied in place below
+    fused = FusedZOSGD(groups(a), lr=0.02, eps=1e-3, seed=3, queries=queries, lookahead=False, **inplace)
     torch_path = ZOSGD(
-        groups(b), lr=0.02, eps=1e-3, seed=3, queries=queries, directions=FusedGaussianDirections()
+        groups(b), lr=0.02, eps=1e-3, seed=3, queries=queries, directions=FusedGaussianDirections(), **inplace
     )
     keys = fused.keys_for_step(0)
     grads = [0.7, -1.3, 2.1][:queries]
@@ -154,7 +160,7 @@ def test_fused_update_equals_torch_update_for_the_same_estimate(device, dtype, t
 def test_lookahead_trajectory_equals_unfolded_and_torch_reference(device):
     """Five float64 steps: folded = unfolded = ZOSGD with the same directions (torch algebra)."""
     models = [tiny_mlp(dtype=torch.float64, device=device) for _ in range(3)]
-    kw = dict(lr=0.01, eps=1e-3, weight_decay=0.1, seed=3)
+    kw = dict(lr=0.01, eps=1e-3, weight_decay=0.1, seed=3, perturbation="inplace")
     opts = [
         FusedZOSGD(models[0].parameters(), lookahead=True, **kw),
         FusedZOSGD(models[1].parameters(), lookahead=False, **kw),
@@ -171,8 +177,8 @@ def test_lookahead_trajectory_equals_unfolded_and_torch_reference(device):
 
 def test_guard_unperturbs_before_outside_forward_and_state_dict():
     guarded, plain = tiny_mlp(dtype=torch.float64), tiny_mlp(dtype=torch.float64)
-    g_opt = FusedZOSGD(guarded.parameters(), lr=0.01, eps=1e-3, seed=2)
-    p_opt = FusedZOSGD(plain.parameters(), lr=0.01, eps=1e-3, seed=2)
+    g_opt = FusedZOSGD(guarded.parameters(), lr=0.01, eps=1e-3, seed=2, perturbation="inplace")
+    p_opt = FusedZOSGD(plain.parameters(), lr=0.01, eps=1e-3, seed=2, perturbation="inplace")
     g_opt.guard(guarded)
     for _ in range(2):
         g_opt.step(mse_closure(guarded))

@@ -174,6 +174,7 @@ def test_one_fused_lozo_step_equals_the_lozo_formula():
         rank=rank,
         nu=4,
         seed=7,
+        perturbation="inplace",  # the in-place passes are counted; the exact path: test_fused_exact.py
     )
     passes = []
     apply = opt.fused_directions.apply_
@@ -213,7 +214,7 @@ def test_fused_lozo_trajectory_equals_torch_lozo_on_the_same_directions(queries)
 def test_lookahead_fold_equals_the_unfolded_trajectory(queries):
     """Five float64 steps with nu=2: folding the next U Vᵀ (same V or the next period's) changes nothing."""
     models = [tiny_mlp(dtype=torch.float64) for _ in range(3)]
-    kw = dict(lr=0.02, eps=1e-3, weight_decay=0.1, rank=2, nu=2, seed=3, queries=queries)
+    kw = dict(lr=0.02, eps=1e-3, weight_decay=0.1, rank=2, nu=2, seed=3, queries=queries, perturbation="inplace")
     folded = FusedLOZO(models[0].parameters(), lookahead=True, **kw)
     unfolded = FusedLOZO(models[1].parameters(), lookahead=False, **kw)
     reference = LOZO(models[2].parameters(), **kw)
@@ -230,7 +231,7 @@ def test_lookahead_fold_equals_the_unfolded_trajectory(queries):
 
 def test_guarded_fused_lozo_folds_and_outside_uses_see_clean_weights():
     guarded, plain = tiny_mlp(dtype=torch.float64), tiny_mlp(dtype=torch.float64)
-    kw = dict(lr=0.02, eps=1e-3, rank=2, nu=3, seed=5)
+    kw = dict(lr=0.02, eps=1e-3, rank=2, nu=3, seed=5, perturbation="inplace")
     g_opt, p_opt = FusedLOZO(guarded.parameters(), **kw), FusedLOZO(plain.parameters(), **kw)
     g_opt.guard(guarded)
     for _ in range(2):
@@ -338,11 +339,12 @@ def test_tile_kernel_compiles_for_sm90_without_a_gpu():
 
     const = dict(
         NSTREAM=2, SHARED_V=False, RANK=5, F64=False, CDT=tl.float32, CONTIG=True, ALIGNED=True,
-        RNE_BF16=False, FAST=True, PIN=True, WIDE=flr.WIDE_MUL, ROUNDS=10, TILE_M=flr.TILE_M, TILE_N=flr.TILE_N,
+        RNE_BF16=False, FAST=True, PIN=True, WIDE=flr.WIDE_MUL, OUT=False, SR=0, ROUNDS=10, TILE_M=flr.TILE_M,
+        TILE_N=flr.TILE_N,
     )  # fmt: skip
-    sig = {"x0_ptr": "*bf16", "tile_tensor_ptr": "*i32", "meta_ptr": "*i64", "scal_ptr": "*i64"}
+    sig = {"x0_ptr": "*bf16", "out0_ptr": "*bf16", "tile_tensor_ptr": "*i32", "meta_ptr": "*i64", "scal_ptr": "*i64"}
     sig.update(dict.fromkeys(const, "constexpr"))
-    attrs = {(i,): [["tt.divisibility", 16]] for i in range(4)}
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(5)}
     src = compiler.ASTSource(triton.jit(flr._zo_lowrank_src), sig, const, attrs)
     try:
         kernel = triton.compile(src, target=backends.GPUTarget("cuda", 90, 32), options={"num_warps": 4})

@@ -49,7 +49,8 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_zobi.zo.directions import DirectionKey, Directions, _splitmix64, derive_seed
 from lightning_zobi.zo.estimators import Closure, Estimate
-from lightning_zobi.zo.optim import ZOSGD, ZOOptimizer, _reject_directions
+from lightning_zobi.zo.optim import _ROUNDING_SALT, ZOSGD, ZOOptimizer, _reject_directions
+from lightning_zobi.zo.perturbation import JustInTimePerturbation, Perturber
 
 try:  # Triton is optional: the torch path needs none of it.
     import triton
@@ -201,6 +202,65 @@ def _round_bf16_rne_src(x):
 
 round_bf16_rne = _DeviceFunction(_round_bf16_rne_src) if HAS_TRITON else None
 
+
+def _sr_hash_src(a, b, k0, k1):
+    """32 well-mixed bits of (position ``a``, ``b``; key ``k0``, ``k1``), all uint32: the uniforms of stochastic rounding.
+
+    Two rounds of the "lowbias32" mixer (C. Wellons' hash-prospector), keyed by the rounding seed:
+    ~12 integer operations per element, where a Philox call per element would make the update
+    pass compute-bound. Rounding needs uniform, independent bits, not a cryptographic stream.
+    """
+    h = a ^ k0
+    h = h ^ (h >> 16)
+    h = h * 0x7FEB352D
+    h = h ^ (h >> 15)
+    h = h * 0x846CA68B
+    h = h ^ (h >> 16)
+    h = h ^ b ^ k1
+    h = h ^ (h >> 16)
+    h = h * 0x7FEB352D
+    h = h ^ (h >> 15)
+    h = h * 0x846CA68B
+    h = h ^ (h >> 16)
+    return h
+
+
+def _stochastic_round_src(v, h, MODE: tl.constexpr):
+    """float32 ``v`` stochastically rounded to bf16 (``MODE`` 1) or fp16 (``MODE`` 2) with random bits ``h`` (uint32).
+
+    bf16: add 16 random bits below bf16's last mantissa bit and truncate: rounds away from zero
+    with probability ``(|v| − |lo|)/ulp``, exactly (fp32 values between two bf16 neighbours are
+    evenly spaced); a representable ``v`` (lr = 0) and ±0 keep their bits. fp16: between the
+    neighbours ``lo`` (toward zero) and ``hi``, ``hi`` with probability ``(v − lo)/(hi − lo)``
+    read against a 16-bit uniform (bias below 2^-16 ulp); a representable ``v`` is kept exactly.
+    Returns the rounded value in the target dtype.
+    """
+    if MODE == 1:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + (h >> 16)) & 0xFFFF0000
+        out = bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
+    else:
+        n = v.to(tl.float16)
+        nb = n.to(tl.int16, bitcast=True)
+        away = tl.abs(n.to(tl.float32)) > tl.abs(v)
+        lo = tl.where(away, nb - 1, nb)
+        hi = lo + 1
+        lo32 = lo.to(tl.float16, bitcast=True).to(tl.float32)
+        hi32 = hi.to(tl.float16, bitcast=True).to(tl.float32)
+        u = (h >> 16).to(tl.float32) * 1.52587890625e-05
+        out = tl.where(u < (v - lo32) / (hi32 - lo32), hi, lo).to(tl.float16, bitcast=True)
+    return out
+
+
+sr_hash = _DeviceFunction(_sr_hash_src) if HAS_TRITON else None
+stochastic_round = _DeviceFunction(_stochastic_round_src) if HAS_TRITON else None
+"""Device function: ``stochastic_round(v, bits, MODE)`` (1: bf16, 2: fp16), shared by the dense and low-rank kernels."""
+
+
+def sr_mode(dtype: torch.dtype) -> int:
+    """The kernels' ``SR`` constant for a parameter dtype: 1 bf16, 2 fp16, 0 (round to nearest) otherwise."""
+    return {torch.bfloat16: 1, torch.float16: 2}.get(dtype, 0)
+
 philox_normals = _DeviceFunction(_philox_normals_src) if HAS_TRITON else None
 """Device function: 4 normals per counter (``philox_normals(c0, c1, k0, k1, ROUNDS, FAST, WIDE)``)."""
 philox_normals8 = _DeviceFunction(_philox_normals8_src) if HAS_TRITON else None
@@ -209,6 +269,7 @@ philox_normals8 = _DeviceFunction(_philox_normals8_src) if HAS_TRITON else None
 
 def _zo_axpby_src(
     x0_ptr,
+    out0_ptr,
     block_tensor_ptr,
     meta_ptr,
     scal_ptr,
@@ -221,24 +282,33 @@ def _zo_axpby_src(
     FAST: tl.constexpr,
     WIDE: tl.constexpr,
     NONNEG: tl.constexpr,
+    OUT: tl.constexpr,
+    SR: tl.constexpr,
     ROUNDS: tl.constexpr,
     SUB: tl.constexpr,
 ):
     """``x ← β·x + α_a·z(seed_a) [+ α_b·z(seed_b)]`` (NSTREAM directions) over many tensors, one program per 8·SUB elements.
 
-    ``NONNEG`` projects the result onto ``x ≥ 0`` (QZO's scales) in the same pass.
+    ``NONNEG`` projects the result onto ``x ≥ 0`` (QZO's scales) in the same pass. ``OUT`` writes
+    the result to ``out0`` (at the tensor's out offset) instead of back into ``x``: the exact
+    path's materialisation ``θ + Σ α·z``, computed in float32 and rounded once. ``SR`` (1 bf16,
+    2 fp16) rounds the result stochastically with bits hashed from the tensor's rounding seed and
+    the element's position. Where ``Σ α·z`` is exactly 0 the result is ``β·x`` (so ``−0.0`` stays).
 
-    ``meta[t] = (offset of tensor t from x0 in elements, numel, first program)``;
-    ``scal[t] = (seed_a lo, seed_a hi, seed_b lo, seed_b hi, α_a, α_b, β)`` (floats as float64 bits).
-    Element ``blk·8·SUB + j·SUB + i`` of a tensor takes normal ``j`` of counter ``blk·SUB + i``.
+    ``meta[t] = (offset of tensor t from x0 in elements, numel, first program, offset in out0)``;
+    ``scal[t] = (seed_a lo, seed_a hi, seed_b lo, seed_b hi, α_a, α_b, β, rounding seed lo, hi)``
+    (floats as float64 bits). Element ``blk·8·SUB + j·SUB + i`` of a tensor takes normal ``j`` of
+    counter ``blk·SUB + i``.
     """
     pid = tl.program_id(0)
     t = tl.load(block_tensor_ptr + pid).to(tl.int64)
-    base = tl.load(meta_ptr + t * 3)
-    n = tl.load(meta_ptr + t * 3 + 1)
-    blk = pid - tl.load(meta_ptr + t * 3 + 2)
+    base = tl.load(meta_ptr + t * 4)
+    n = tl.load(meta_ptr + t * 4 + 1)
+    blk = pid - tl.load(meta_ptr + t * 4 + 2)
+    obase = tl.load(meta_ptr + t * 4 + 3)
     if ALIGNED:
         base = tl.multiple_of(base, 8)
+        obase = tl.multiple_of(obase, 8)
         n = tl.multiple_of(n, 8)
     i = tl.arange(0, SUB)
     ctr = blk * SUB + i
@@ -253,9 +323,9 @@ def _zo_axpby_src(
     acc6 = tl.full([SUB], 0, dtype=CDT)
     acc7 = tl.full([SUB], 0, dtype=CDT)
     for s in tl.static_range(NSTREAM):
-        k0 = tl.load(scal_ptr + t * 7 + 2 * s).to(tl.uint32)
-        k1 = tl.load(scal_ptr + t * 7 + 2 * s + 1).to(tl.uint32)
-        alpha = tl.load(scal_ptr + t * 7 + 4 + s).to(tl.float64, bitcast=True)
+        k0 = tl.load(scal_ptr + t * 9 + 2 * s).to(tl.uint32)
+        k1 = tl.load(scal_ptr + t * 9 + 2 * s + 1).to(tl.uint32)
+        alpha = tl.load(scal_ptr + t * 9 + 4 + s).to(tl.float64, bitcast=True)
         z0, z1, z2, z3, z4, z5, z6, z7 = philox_normals8(c0, c1, k0, k1, ROUNDS, FAST, WIDE)
         if F64:
             a = alpha
@@ -269,10 +339,13 @@ def _zo_axpby_src(
         acc5 = acc5 + a * z5.to(CDT)
         acc6 = acc6 + a * z6.to(CDT)
         acc7 = acc7 + a * z7.to(CDT)
-    beta = tl.load(scal_ptr + t * 7 + 6).to(tl.float64, bitcast=True)
+    beta = tl.load(scal_ptr + t * 9 + 6).to(tl.float64, bitcast=True)
     if not F64:
         beta = beta.to(tl.float32)
+    r0 = tl.load(scal_ptr + t * 9 + 7).to(tl.uint32)
+    r1 = tl.load(scal_ptr + t * 9 + 8).to(tl.uint32)
     start = base + blk * (8 * SUB)
+    ostart = obase + blk * (8 * SUB)
     for j in tl.static_range(8):
         if j == 0:
             acc = acc0
@@ -295,14 +368,20 @@ def _zo_axpby_src(
         ptrs = x0_ptr + (start + j * SUB) + i
         if LOAD_X:
             x = tl.load(ptrs, mask=mask, other=0.0).to(CDT)
-            out = beta * x + acc
+            out = tl.where(acc == 0.0, beta * x, beta * x + acc)
         else:
             out = acc
         if NONNEG:
             out = tl.maximum(out, 0.0)
-        if RNE_BF16:
-            out = round_bf16_rne(out)
-        tl.store(ptrs, out.to(x0_ptr.dtype.element_ty), mask=mask)
+        if OUT:
+            ptrs = out0_ptr + (ostart + j * SUB) + i
+        if SR != 0:
+            bits = sr_hash(local.to(tl.uint32), (local >> 32).to(tl.uint32), r0, r1)
+            tl.store(ptrs, stochastic_round(out, bits, SR), mask=mask)
+        else:
+            if RNE_BF16:
+                out = round_bf16_rne(out)
+            tl.store(ptrs, out.to(x0_ptr.dtype.element_ty), mask=mask)
 
 
 _KERNELS: dict[tuple[Callable, str], Any] = {}
@@ -392,7 +471,7 @@ def _prefix_state(*parts: int) -> int:
 class _Group:
     """Static launch data of some same-dtype, same-device contiguous tensors (cached per pass target)."""
 
-    def __init__(self, tensors: list[Tensor]) -> None:
+    def __init__(self, tensors: list[Tensor], out_offsets: Sequence[int] | None = None) -> None:
         x0 = tensors[0]
         self.device, self.dtype = x0.device, x0.dtype
         esize = x0.element_size()
@@ -409,8 +488,9 @@ class _Group:
             blocks.append(nb)
             first += nb
         self.num_blocks = first
-        self.aligned = all(o % 8 == 0 for o in offsets) and all(n % 8 == 0 for n in numels)
-        meta = torch.tensor([offsets, numels, firsts], dtype=torch.int64).T.contiguous()
+        outs = offsets if out_offsets is None else [int(o) for o in out_offsets]
+        self.aligned = all(o % 8 == 0 for o in offsets + outs) and all(n % 8 == 0 for n in numels)
+        meta = torch.tensor([offsets, numels, firsts, outs], dtype=torch.int64).T.contiguous()
         block_tensor = torch.repeat_interleave(
             torch.arange(len(tensors), dtype=torch.int32), torch.tensor(blocks, dtype=torch.int64)
         )
@@ -500,6 +580,11 @@ class PlanCache:
 Term = tuple[DirectionKey, "float | Sequence[float]"]
 
 
+def _scale_of(scale: Any, index: int) -> float:
+    """A term's scale for direction ``index``: one float for every tensor, or one per tensor."""
+    return float(scale) if isinstance(scale, (int, float)) else float(scale[index])
+
+
 def _launch(
     group: _Group,
     seeds_a: np.ndarray,
@@ -511,16 +596,25 @@ def _launch(
     rounds: int,
     fast: bool = True,
     nonnegative: bool = False,
+    sr_seeds: np.ndarray | None = None,
+    out: Tensor | None = None,
 ) -> Any:
-    """Launch the kernel over ``group`` (per-tensor seeds and coefficients); returns Triton's launch result."""
+    """Launch the kernel over ``group`` (per-tensor seeds and coefficients); returns Triton's launch result.
+
+    ``sr_seeds`` (one rounding seed per tensor) turns on stochastic rounding for bf16/fp16 groups;
+    ``out`` (a flat tensor of the group's dtype) receives the result at the group's out offsets.
+    """
     n = len(seeds_a)
-    scal = np.zeros((n, 7), dtype=np.int64)
+    scal = np.zeros((n, 9), dtype=np.int64)
     scal[:, 0], scal[:, 1] = split_seeds(seeds_a)
     if seeds_b is not None:
         scal[:, 2], scal[:, 3] = split_seeds(seeds_b)
         scal[:, 5] = f64_bits(alpha_b)
     scal[:, 4] = f64_bits(alpha_a)
     scal[:, 6] = f64_bits(beta)
+    sr = sr_mode(group.dtype) if sr_seeds is not None and out is None else 0
+    if sr:
+        scal[:, 7], scal[:, 8] = split_seeds(sr_seeds)
     host = torch.from_numpy(scal)
     if group.device.type == "cuda":  # pinned + async: no host-device synchronisation per pass
         scal_t = host.pin_memory().to(group.device, non_blocking=True)
@@ -534,6 +628,7 @@ def _launch(
         try:
             return kernel[(group.num_blocks,)](
                 group.x0,
+                group.x0 if out is None else out,
                 group.block_tensor,
                 group.meta,
                 scal_t,
@@ -546,6 +641,8 @@ def _launch(
                 FAST=fast,
                 WIDE=WIDE_MUL,
                 NONNEG=nonnegative,
+                OUT=out is not None,
+                SR=sr,
                 ROUNDS=rounds,
                 SUB=SUB,
                 num_warps=NUM_WARPS,
@@ -614,6 +711,7 @@ class FusedGaussianDirections(FusedPerturb, Directions):
         self.rounds = rounds
         self.fast_math = bool(fast_math)
         self._plans = PlanCache()
+        self._chunk_groups = PlanCache(limit=4096)
 
     FORMAT = 2
     """Version of the element → Philox mapping (1: four 24-bit normals per counter; 2: eight 16-bit)."""
@@ -653,13 +751,16 @@ class FusedGaussianDirections(FusedPerturb, Directions):
         beta: float | Sequence[float] = 1.0,
         indices: Sequence[int] | None = None,
         nonnegative: bool = False,
+        sr_seeds: np.ndarray | None = None,
     ) -> None:
         """``θ_i ← β_i·θ_i + Σ_terms α_i·z(key, index_i)`` in place, two directions per pass.
 
         ``alpha``/``beta`` are a float or one float per parameter (per-group rates); ``indices``
         are the direction indices of ``params`` (default ``0..len-1``). One pass (one kernel launch
         per dtype) for up to two terms; ``β`` is applied in the first pass; ``nonnegative``
-        projects onto ``θ ≥ 0`` in the last pass.
+        projects onto ``θ ≥ 0`` in the last pass. ``sr_seeds`` (one uint64 per parameter, in
+        ``params``' order) rounds the last pass's bf16/fp16 results stochastically, seeded per
+        tensor (round to nearest without it).
         """
         params = list(params)
         if not params:
@@ -681,10 +782,52 @@ class FusedGaussianDirections(FusedPerturb, Directions):
                         self.rounds,
                         self.fast_math,
                         nonnegative and first + 2 >= len(prepared),
+                        sr_seeds[sel] if sr_seeds is not None and first + 2 >= len(prepared) else None,
                     )
                 if positions is not None:  # non-contiguous parameters were updated on copies
                     for i, t in zip(positions, group.tensors, strict=True):
                         params[i].copy_(t)
+
+    def materialize_chunk(
+        self,
+        params: Sequence[Tensor],
+        indices: Sequence[int],
+        terms: Sequence[tuple[DirectionKey, Any]],
+        out: Tensor,
+        offsets: Sequence[int],
+    ) -> bool:
+        """``out[o_k : o_k + n_k] = θ_k + Σ s·z(key, index_k)`` for same-dtype contiguous ``params``; θ untouched.
+
+        The exact path's materialisation (:class:`FusedJustInTime`): one launch, each element
+        computed in float32 (float64 for float64) from the direction the in-place passes use and
+        rounded once to the parameter dtype. ``terms`` holds ``(key, scale)`` with a float or one
+        scale per direction index. Returns False (nothing written) for more than two terms.
+        """
+        if len(terms) > 2:
+            return False
+        params = list(params)
+        idx = np.asarray(list(indices), dtype=np.int64)
+        prepared = [
+            (key, np.asarray([_scale_of(scale, int(i)) for i in idx], dtype=np.float64)) for key, scale in terms
+        ] or [(DirectionKey(0, 0, 0), np.zeros(len(idx)))]
+        offsets = [int(o) for o in offsets]
+        check = ([(p.data_ptr(), p.numel()) for p in params], offsets)
+        group = self._chunk_groups.get(params, check, lambda: _Group(params, offsets))
+        two = len(prepared) == 2
+        with torch.no_grad():
+            _launch(
+                group,
+                tensor_seeds(prepared[0][0], idx),
+                prepared[0][1],
+                tensor_seeds(prepared[1][0], idx) if two else None,
+                prepared[1][1] if two else None,
+                np.ones(len(idx)),
+                True,
+                self.rounds,
+                self.fast_math,
+                out=out,
+            )
+        return True
 
     def sample(self, param: Tensor, index: int, key: DirectionKey) -> Tensor:
         self._check(param)
@@ -694,6 +837,93 @@ class FusedGaussianDirections(FusedPerturb, Directions):
         group = _Group([out])
         _launch(group, tensor_seeds(key, [index]), np.ones(1), None, None, np.ones(1), False, self.rounds)
         return out
+
+
+# ---------------------------------------------------------------------------------------- exact path
+class FusedJustInTime(JustInTimePerturbation):
+    """Exact perturbation with fused materialisation: ``θ + Σ s·z`` for a run of tensors in one launch.
+
+    The :class:`~lightning_zobi.zo.perturbation.JustInTimePerturbation` of the fused rules: θ is
+    never written; a module's forward reads ``θ + Σ s·z`` computed by the directions'
+    ``materialize_chunk`` (the in-place kernel's directions, float32 arithmetic, one rounding).
+    The first forward materialises tensor by tensor and records the order in which the forward
+    asks for them; from then on a request materialises the next tensors of that order too (same
+    dtype and device, contiguous, at most ``chunk_numel`` elements: by default the largest
+    perturbed tensor) into one scratch buffer, so a Llama layer costs one to three launches
+    instead of nine and the host's launch overhead stays small next to the forward's own.
+
+    Memory: one scratch buffer of at most ``chunk_numel`` elements live per chunk (freed when the
+    chunk's last tensor has been swapped back), plus whatever the base class keeps for tensors
+    read outside their module.
+    """
+
+    def __init__(
+        self,
+        params: Sequence[Tensor],
+        directions: Directions,
+        owners: dict[int, nn.Module] | None = None,
+        chunk_numel: int | None = None,
+    ) -> None:
+        super().__init__(params, directions, owners)
+        numels = [p.numel() for p in self.params]
+        self.chunk_numel = max(numels, default=0) if chunk_numel is None else int(chunk_numel)
+        self._order: list[int] | None = None
+        self._position: dict[int, int] = {}
+        self._seen: list[int] = []
+        self._ready: dict[int, Tensor] = {}
+
+    def loss_at(self, closure: Callable[[], Any], terms: Any) -> Any:
+        self._ready.clear()
+        self._seen = []
+        try:
+            return super().loss_at(closure, terms)
+        finally:
+            self._ready.clear()
+            if self._order is None and self.verified and self._seen:
+                order = list(dict.fromkeys(self._seen))
+                self._order, self._position = order, {i: k for k, i in enumerate(order)}
+
+    def _chunk(self, index: int) -> list[int]:
+        """``index`` and the tensors the recorded order asks for next (same dtype/device, within the budget)."""
+        p = self.params[index]
+        if self._order is None or index not in self._position or index in self.whole_forward:
+            return [index]
+        chunk, total = [index], p.numel()
+        for j in self._order[self._position[index] + 1 :]:
+            q = self.params[j]
+            if j in self._ready or j in self._saved or j in self.whole_forward or j == index:
+                continue
+            if q.dtype != p.dtype or q.device != p.device or not q.is_contiguous():
+                break
+            if total + q.numel() > self.chunk_numel:
+                break
+            chunk.append(j)
+            total += q.numel()
+        return chunk
+
+    def materialize(self, index: int) -> Tensor:
+        ready = self._ready.pop(index, None)
+        if ready is not None:
+            return ready
+        if self._order is None:
+            self._seen.append(index)
+        p = self.params[index]
+        fused = getattr(self.directions, "materialize_chunk", None)
+        if fused is None or not p.is_contiguous() or p.numel() == 0:
+            return super().materialize(index)
+        chunk = self._chunk(index)
+        tensors = [self.params[i] for i in chunk]
+        offsets, total = [], 0
+        for t in tensors:
+            offsets.append(total)
+            total += -(-t.numel() // 8) * 8  # 8-element aligned views: vector loads in the next forward
+        out = torch.empty(total, dtype=p.dtype, device=p.device)
+        if not fused(tensors, chunk, self._terms, out, offsets):
+            return super().materialize(index)
+        views = [out[o : o + t.numel()].view(t.shape) for o, t in zip(offsets, tensors, strict=True)]
+        for i, view in zip(chunk[1:], views[1:], strict=True):
+            self._ready[i] = view
+        return views[0]
 
 
 # ---------------------------------------------------------------------------------------- ZO-SGD
@@ -729,8 +959,11 @@ class FusedStep:
 
     directions: Any
     eps: float
+    seed: int
     difference: str
     perturbation: str
+    tensor_owners: dict[int, nn.Module]
+    _perturbers: dict[str, Perturber]
     zo_step: int
     param_groups: list[dict[str, Any]]
     _params: Callable[[], list[Tensor]]
@@ -849,14 +1082,34 @@ class FusedStep:
         return list(coeff.items()), beta
 
     def _update(self, estimate: Estimate) -> None:
-        """Restore, decay, update (and fold the next ``+εz``) in ``ceil(terms / 2)`` passes."""
+        """Restore, decay, update (and fold the next ``+εz``) in ``ceil(terms / 2)`` passes.
+
+        bf16/fp16 results are stochastically rounded in the kernel (``stochastic_rounding``, on by
+        default), seeded per tensor by ``derive_seed(run seed, step, 0x5352, index)`` as the torch
+        path seeds its generator (other uniforms, the same determinism: a resumed run rounds as the
+        uninterrupted one). A step that changes nothing (lr = 0, no decay, nothing to restore or
+        fold) launches nothing, so every bit of θ stays, ``−0.0`` included.
+        """
         terms, beta = self._coefficients(estimate)
         if self._fold_allowed():
             next_key = self.keys_for_step(estimate.keys[0].step + 1)[0]
             terms.append((next_key, self.eps))
             self.pending = (next_key, self.eps)
-        options = {"nonnegative": True} if self._project_nonnegative() else {}
+        if np.all(beta == 1.0) and all(np.all(np.asarray(alpha) == 0.0) for _, alpha in terms):
+            return
+        options: dict[str, Any] = {"nonnegative": True} if self._project_nonnegative() else {}
+        if getattr(self, "stochastic_rounding", False):
+            step = estimate.keys[0].step
+            options["sr_seeds"] = derive_seeds((self.seed, step, _ROUNDING_SALT), np.arange(len(beta)))
         self.fused_directions.apply_(self._params(), terms, beta=beta, **options)
+
+    def perturber(self) -> Perturber:
+        """The base's perturber; under ``perturbation="exact"`` a :class:`FusedJustInTime` (fused materialisation)."""
+        perturber = super().perturber()  # type: ignore[misc]
+        if type(perturber) is JustInTimePerturbation:
+            perturber = FusedJustInTime(perturber.params, self.directions, self.tensor_owners)
+            self._perturbers[self.perturbation] = perturber
+        return perturber
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

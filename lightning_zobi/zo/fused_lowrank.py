@@ -63,6 +63,7 @@ from lightning_zobi.zo.fused import (
     PlanCache,
     Term,
     _DeviceFunction,
+    _scale_of,
     check_dtype,
     compiled_kernel,
     derive_seeds,
@@ -71,6 +72,9 @@ from lightning_zobi.zo.fused import (
     prepare_terms,
     round_bf16_rne,
     split_seeds,
+    sr_hash,
+    sr_mode,
+    stochastic_round,
 )
 from lightning_zobi.zo.optim import LOZO, _reject_directions
 
@@ -96,7 +100,7 @@ U_SALT = 0x55
 V_SALT = 0x56
 _MASK32 = 0xFFFFFFFF
 _MAX_DIM = 2**31 - 1
-_SCAL = 11  # per weight: (U lo, U hi, V lo, V hi) × 2 streams, α_0, α_1, β
+_SCAL = 13  # per weight: (U lo, U hi, V lo, V hi) × 2 streams, α_0, α_1, β, rounding seed lo, hi
 _DROPPED: set[str] = set()
 """Compile options Triton rejected once on this machine (``fast``, ``pin``, ``aligned``): not tried again."""
 
@@ -137,6 +141,7 @@ _pin = _DeviceFunction(_pin_src) if HAS_TRITON else None
 
 def _zo_lowrank_src(
     x0_ptr,
+    out0_ptr,
     tile_tensor_ptr,
     meta_ptr,
     scal_ptr,
@@ -151,6 +156,8 @@ def _zo_lowrank_src(
     FAST: tl.constexpr,
     PIN: tl.constexpr,
     WIDE: tl.constexpr,
+    OUT: tl.constexpr,
+    SR: tl.constexpr,
     ROUNDS: tl.constexpr,
     TILE_M: tl.constexpr,
     TILE_N: tl.constexpr,
@@ -158,30 +165,36 @@ def _zo_lowrank_src(
     """``X ← β·X + Σ_s α_s·U_s V_sᵀ`` (NSTREAM = 1 or 2) over many 2-D tensors, one program per ``TILE_M×TILE_N`` tile.
 
     ``meta[t] = (offset of tensor t from x0 in elements, rows, cols, row stride, col stride,
-    first tile, tiles per row)``; ``scal[t] = (U_a seed lo, hi, V_a seed lo, hi, U_b lo, hi, V_b lo,
-    hi, α_a, α_b, β)`` (floats as float64 bits). ``U[i, k]`` is word ``k % 4`` of
+    first tile, tiles per row, offset in out0)``; ``scal[t] = (U_a seed lo, hi, V_a seed lo, hi,
+    U_b lo, hi, V_b lo, hi, α_a, α_b, β, rounding seed lo, hi)`` (floats as float64 bits).
+    ``OUT`` writes ``X + Σ_s α_s·U_s V_sᵀ`` row-major into ``out0`` (the exact path's
+    materialisation, one rounding) and leaves ``X``; ``SR`` (1 bf16, 2 fp16) rounds stochastically
+    with bits hashed from the rounding seed and (row, column). Where the sum is exactly 0 the
+    result is ``β·X`` (``−0.0`` stays). ``U[i, k]`` is word ``k % 4`` of
     Philox((i, k // 4, 0, 0), seed_U) after Box-Muller, ``V[j, k]`` likewise under seed_V.
     ``SHARED_V`` (both streams have the same ``V``: two queries of one lazy period) sums the
     streams in the factor space, ``(α_a·u_a + α_b·u_b) vᵀ``: one outer product per rank column.
     """
     pid = tl.program_id(0)
     t = tl.load(tile_tensor_ptr + pid).to(tl.int64)
-    base = tl.load(meta_ptr + t * 7)
-    m = tl.load(meta_ptr + t * 7 + 1)
-    n = tl.load(meta_ptr + t * 7 + 2)
-    s0 = tl.load(meta_ptr + t * 7 + 3)
-    s1 = tl.load(meta_ptr + t * 7 + 4)
-    tile = pid - tl.load(meta_ptr + t * 7 + 5)
-    per_row = tl.load(meta_ptr + t * 7 + 6)
+    base = tl.load(meta_ptr + t * 8)
+    m = tl.load(meta_ptr + t * 8 + 1)
+    n = tl.load(meta_ptr + t * 8 + 2)
+    s0 = tl.load(meta_ptr + t * 8 + 3)
+    s1 = tl.load(meta_ptr + t * 8 + 4)
+    tile = pid - tl.load(meta_ptr + t * 8 + 5)
+    per_row = tl.load(meta_ptr + t * 8 + 6)
+    obase = tl.load(meta_ptr + t * 8 + 7)
     if ALIGNED:
         base = tl.multiple_of(base, 8)
+        obase = tl.multiple_of(obase, 8)
         s0 = tl.multiple_of(s0, 8)
         n = tl.multiple_of(n, 8)
     rows = (tile // per_row) * TILE_M + tl.arange(0, TILE_M)
     cols = (tile % per_row) * TILE_N + tl.arange(0, TILE_N)
     ru = rows.to(tl.uint32)
     cu = cols.to(tl.uint32)
-    sc = scal_ptr + t * 11
+    sc = scal_ptr + t * 13
     ua0 = tl.load(sc).to(tl.uint32)
     ua1 = tl.load(sc + 1).to(tl.uint32)
     va0 = tl.load(sc + 2).to(tl.uint32)
@@ -228,10 +241,19 @@ def _zo_lowrank_src(
         offs = base + rows[:, None] * s0 + cols[None, :] * s1
     mask = (rows < m)[:, None] & (cols < n)[None, :]
     x = tl.load(x0_ptr + offs, mask=mask, other=0.0).to(CDT)
-    out = beta * x + acc
-    if RNE_BF16:
-        out = round_bf16_rne(out)
-    tl.store(x0_ptr + offs, out.to(x0_ptr.dtype.element_ty), mask=mask)
+    out = tl.where(acc == 0.0, beta * x, beta * x + acc)
+    ptrs = x0_ptr + offs
+    if OUT:
+        ptrs = out0_ptr + (obase + rows[:, None] * n + cols[None, :])
+    if SR != 0:
+        r0 = tl.load(sc + 11).to(tl.uint32)
+        r1 = tl.load(sc + 12).to(tl.uint32)
+        bits = sr_hash(ru[:, None] + cu[None, :] * 0, cu[None, :] + ru[:, None] * 0, r0, r1)
+        tl.store(ptrs, stochastic_round(out, bits, SR), mask=mask)
+    else:
+        if RNE_BF16:
+            out = round_bf16_rne(out)
+        tl.store(ptrs, out.to(x0_ptr.dtype.element_ty), mask=mask)
 
 
 def _zo_factor_src(
@@ -309,25 +331,26 @@ def _aligned(p: Tensor) -> bool:
 class _TileGroup:
     """Static launch data of same-device, same-dtype 2-D tensors: per-tensor geometry and tile map."""
 
-    def __init__(self, tensors: list[Tensor]) -> None:
+    def __init__(self, tensors: list[Tensor], out_offsets: Sequence[int] | None = None) -> None:
         x0 = tensors[0]
         self.device, self.dtype, self.tensors, self.x0 = x0.device, x0.dtype, tensors, x0
         self.contiguous = all(t.stride(1) == 1 for t in tensors)
-        self.aligned = all(_aligned(t) for t in tensors)
+        self.aligned = all(_aligned(t) for t in tensors) and all(int(o) % 8 == 0 for o in out_offsets or [])
         # half-height tiles where a thread holds more registers (float64) or loads element by
         # element (unaligned): they keep the kernel free of register spills on sm_90
         half = self.dtype == torch.float64 or not self.aligned
         self.tile_m, self.tile_n = (max(1, TILE_M // 2) if half else TILE_M), TILE_N
         esize = x0.element_size()
         rows, tiles, first = [], [], 0
-        for t in tensors:
+        for pos, t in enumerate(tensors):
             delta = t.data_ptr() - x0.data_ptr()
             if delta % esize:
                 raise AssertionError("tensors of one dtype must be element-aligned")
             m, n = t.shape
             per_row = -(-n // self.tile_n)
             count = -(-m // self.tile_m) * per_row
-            rows.append([delta // esize, m, n, t.stride(0), t.stride(1), first, per_row])
+            out = delta // esize if out_offsets is None else int(out_offsets[pos])
+            rows.append([delta // esize, m, n, t.stride(0), t.stride(1), first, per_row, out])
             tiles.append(count)
             first += count
         self.num_tiles = first
@@ -338,8 +361,14 @@ class _TileGroup:
         self.meta = meta.to(self.device)
         self.tile_tensor = tile_tensor.to(self.device)
 
-    def launch(self, scal: np.ndarray, nstream: int, rank: int, rounds: int, fast: bool) -> Any:
-        """One launch over every tile of the group with the per-tensor table ``scal`` (n×11 int64)."""
+    def launch(
+        self, scal: np.ndarray, nstream: int, rank: int, rounds: int, fast: bool, sr: int = 0, out: Tensor | None = None
+    ) -> Any:
+        """One launch over every tile of the group with the per-tensor table ``scal`` (n×13 int64).
+
+        ``sr``: stochastic rounding mode (:func:`~lightning_zobi.zo.fused.sr_mode`; 0 = nearest);
+        ``out``: write ``X + Σ α·U Vᵀ`` there (row-major at the out offsets) instead of into ``X``.
+        """
         host = torch.from_numpy(np.ascontiguousarray(scal))
         on_cuda = self.device.type == "cuda"
         scal_t = host.pin_memory().to(self.device, non_blocking=True) if on_cuda else host
@@ -348,6 +377,7 @@ class _TileGroup:
         def run(fast: bool, pin: bool, aligned: bool) -> Any:
             return kernel[(self.num_tiles,)](
                 self.x0,
+                self.x0 if out is None else out,
                 self.tile_tensor,
                 self.meta,
                 scal_t,
@@ -362,6 +392,8 @@ class _TileGroup:
                 FAST=fast,
                 PIN=pin,
                 WIDE=WIDE_MUL,
+                OUT=out is not None,
+                SR=sr,
                 ROUNDS=rounds,
                 TILE_M=self.tile_m,
                 TILE_N=self.tile_n,
@@ -427,6 +459,7 @@ class FusedLowRankDirections(FusedPerturb, LowRankDirections):
         self.rounds = rounds
         self.fast_math = bool(fast_math)
         self._plans = PlanCache()
+        self._chunk_groups = PlanCache(limit=4096)
 
     # ------------------------------------------------------------------ checks and state
     @staticmethod
@@ -466,12 +499,14 @@ class FusedLowRankDirections(FusedPerturb, LowRankDirections):
         terms: Sequence[Term],
         beta: float | Sequence[float] = 1.0,
         indices: Sequence[int] | None = None,
+        sr_seeds: np.ndarray | None = None,
     ) -> None:
         """``θ_i ← β_i·θ_i + Σ_terms α_i·Z(key, index_i)`` in place, two directions per launch.
 
         ``alpha``/``beta`` are a float or one float per parameter; ``indices`` are the direction
         indices of ``params`` (default ``0..len-1``). 2-D weights: one launch per (device, dtype)
         per two terms, ``β`` applied by the first; other parameters: the dense fused pass.
+        ``sr_seeds`` (one per parameter) rounds the last launch's bf16/fp16 results stochastically.
         """
         params = list(params)
         if not params:
@@ -483,7 +518,11 @@ class FusedLowRankDirections(FusedPerturb, LowRankDirections):
                 for first in range(0, len(prepared), 2):
                     chunk = prepared[first : first + 2]
                     scal = self._table(chunk, idx[sel], sel, betas[sel] if first == 0 else np.ones(len(sel)))
-                    group.launch(scal, len(chunk), self.rank, self.rounds, self.fast_math)
+                    last = first + 2 >= len(prepared)
+                    sr = sr_mode(group.dtype) if sr_seeds is not None and last else 0
+                    if sr:
+                        scal[:, 11], scal[:, 12] = split_seeds(sr_seeds[sel])
+                    group.launch(scal, len(chunk), self.rank, self.rounds, self.fast_math, sr)
             if plan.dense.size:
                 d = plan.dense
                 self.dense.apply_(
@@ -491,7 +530,47 @@ class FusedLowRankDirections(FusedPerturb, LowRankDirections):
                     [(key, a[d]) for key, a in prepared],
                     beta=betas[d],
                     indices=idx[d],
+                    sr_seeds=None if sr_seeds is None else sr_seeds[d],
                 )
+
+    def materialize_chunk(
+        self,
+        params: Sequence[Tensor],
+        indices: Sequence[int],
+        terms: Sequence[tuple[DirectionKey, Any]],
+        out: Tensor,
+        offsets: Sequence[int],
+    ) -> bool:
+        """``out[o_k : o_k + n_k] = θ_k + Σ s·Z(key, index_k)`` (row-major) for same-dtype ``params``; θ untouched.
+
+        The exact path's materialisation: one tile launch for the 2-D weights (``U Vᵀ`` in
+        registers, float32 arithmetic, one rounding) and the dense fused launch for the others.
+        Returns False (nothing written) for more than two terms.
+        """
+        if len(terms) > 2:
+            return False
+        params = list(params)
+        idx = np.asarray(list(indices), dtype=np.int64)
+        offs = np.asarray([int(o) for o in offsets], dtype=np.int64)
+        matrix = np.array([self.is_matrix(p) for p in params], dtype=bool)
+        if (~matrix).any():
+            d = np.flatnonzero(~matrix)
+            self.dense.materialize_chunk([params[i] for i in d], idx[d], terms, out, offs[d])
+        if matrix.any():
+            sel = np.flatnonzero(matrix)
+            weights = [params[i] for i in sel]
+            group = self._chunk_groups.get(
+                weights,
+                (_plan_key(weights), offs[sel].tolist()),
+                lambda: _TileGroup(weights, offs[sel].tolist()),
+            )
+            prepared = [
+                (key, np.asarray([_scale_of(scale, int(i)) for i in idx], dtype=np.float64)) for key, scale in terms
+            ] or [(DirectionKey(0, 0, 0), np.zeros(len(idx)))]
+            scal = self._table(prepared, idx[sel], sel, np.ones(len(sel)))
+            with torch.no_grad():
+                group.launch(scal, len(prepared), self.rank, self.rounds, self.fast_math, out=out)
+        return True
 
     def _table(
         self, chunk: list[tuple[DirectionKey, np.ndarray]], idx: np.ndarray, sel: np.ndarray, beta: np.ndarray
