@@ -3,7 +3,8 @@
 ``BilevelProblem`` names an upper loss ``f``, a lower loss ``g`` and two parameter sets; a solver's
 ``step(batch)`` advances it and returns the floats to log (``f``, ``g``, ``gap``, ``gamma``,
 ``objective``). Solvers: ``"penalty"`` (:class:`ValueFunctionPenalty`), ``"vf_free"``
-(:class:`ValueFunctionFree`), ``"zofo"`` (:class:`BilevelZOFO`).
+(:class:`ValueFunctionFree`), ``"zofo"`` (:class:`BilevelZOFO`). :class:`DataReweighting` (ScaleBiO)
+learns one weight per data source over a model trained on the weighted mixture.
 """
 
 from lightning_zobi.bilevel.penalty import ValueFunctionFree, ValueFunctionPenalty
@@ -14,6 +15,7 @@ from lightning_zobi.bilevel.problem import (
     GammaSchedule,
     select_parameters,
 )
+from lightning_zobi.bilevel.reweighting import DataReweighting, SourceWeights, project_simplex
 from lightning_zobi.bilevel.zofo import BilevelZOFO
 
 SOLVERS: dict[str, type[BilevelSolver]] = {
@@ -29,8 +31,11 @@ __all__ = [
     "BilevelProblem",
     "BilevelSolver",
     "BilevelZOFO",
+    "DataReweighting",
     "GammaSchedule",
+    "SourceWeights",
     "ValueFunctionFree",
     "ValueFunctionPenalty",
+    "project_simplex",
     "select_parameters",
 ]
