@@ -47,11 +47,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from lightning_zobi.data.facts import QAPair
+import torch
+from torch.utils.data import Dataset
+
+from lightning_zobi.data.facts import FactsEvalDataset, QAPair, encode_qa
 
 _EXTENSIONS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -292,3 +295,85 @@ def mcq_prompt(question: str, choices: Sequence[str]) -> str:
     lines = [question.strip()]
     lines += [f"{MCQ_LETTERS[i]}. {c}" for i, c in enumerate(choices)]
     return "\n".join(lines) + "\nAnswer:"
+
+
+# ---------------------------------------------------------------------------- tensors
+class TOFUEvalDataset(FactsEvalDataset):
+    """:class:`~lightning_zobi.data.facts.FactsEvalDataset` items for TOFU's ``*_perturbed`` sets.
+
+    The difference from the synthetic set is TOFU's truth ratio: its base ("true") answer is the
+    *paraphrased* answer (``base_answer_key: paraphrased_answer`` in TOFU's
+    ``config/eval_everything.yaml``), scored against the perturbed answers; ``base_answers``
+    gives it per pair (``None``: the answer itself, as for real authors / world facts).
+    The other keys (``input_ids``/``labels`` of the answer, ``prompt_*``, ``answer``, ``split``)
+    are the parent's.
+    """
+
+    def __init__(
+        self,
+        pairs: list[QAPair],
+        tokenizer: Any,
+        split: str,
+        max_length: int = 256,
+        truth_ratio_question: str = "original",
+        base_answers: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__(pairs, tokenizer, split, max_length, truth_ratio_question)
+        if base_answers is not None and len(base_answers) != len(pairs):
+            raise ValueError(f"base_answers has {len(base_answers)} entries for {len(pairs)} pairs.")
+        self.base_answers = list(base_answers) if base_answers is not None else None
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = super().__getitem__(i)
+        if self.base_answers is not None:
+            pair = self.pairs[i]
+            question = pair.question if self.truth_ratio_question == "original" else pair.paraphrased_question
+            base = encode_qa(f"Q: {question}\nA:", self.base_answers[i], self.tokenizer, self.max_length)
+            item.update({f"true_{k}": v for k, v in base.items()})
+        return item
+
+
+def with_self_as_perturbed(pairs: list[QAPair]) -> list[QAPair]:
+    """Pairs whose single "perturbed" answer is the true answer (truth ratio exactly 1).
+
+    For sets with no wrong answers (TOFU's ``holdoutXX``) that still go through the evaluation
+    loop for the membership-inference metrics: their ``truth_ratio`` is 1 by construction and
+    carries no information.
+    """
+    return [replace(p, perturbed_answers=(p.answer,)) for p in pairs]
+
+
+class TextChunkDataset(Dataset):
+    """Raw documents as causal-LM chunks of ``max_length`` tokens, every real token labelled.
+
+    Each document is tokenized on its own (no special tokens) and cut into consecutive chunks
+    (open-unlearning's ``PretrainingDataset`` for MUSE/WMDP does the same on the ``text`` column);
+    the last chunk of a document is right-padded (label -100, attention 0). At most
+    ``max_chunks_per_doc`` chunks per document are kept (None: all).
+    """
+
+    def __init__(
+        self, texts: Sequence[str], tokenizer: Any, max_length: int = 256, max_chunks_per_doc: int | None = None
+    ) -> None:
+        if max_length < 2:
+            raise ValueError(f"max_length={max_length!r} is invalid: a chunk needs at least 2 tokens.")
+        self.tokenizer, self.max_length = tokenizer, max_length
+        self.chunks: list[list[int]] = []
+        for text in texts:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            parts = [ids[s : s + max_length] for s in range(0, len(ids), max_length)]
+            self.chunks += [p for p in parts[:max_chunks_per_doc] if len(p) >= 2]
+        if not self.chunks:
+            raise ValueError("TextChunkDataset got no document with at least 2 tokens.")
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = self.chunks[i]
+        pad = self.max_length - len(ids)
+        return {
+            "input_ids": torch.tensor(ids + [self.tokenizer.pad_token_id] * pad),
+            "attention_mask": torch.tensor([1] * len(ids) + [0] * pad),
+            "labels": torch.tensor(ids + [-100] * pad),
+        }
