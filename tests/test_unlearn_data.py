@@ -36,7 +36,11 @@ def test_tofu_fixture_has_the_hub_configs_and_columns():
     tofu = FIX / "tofu"
     for n in ("01", "05", "10"):
         assert set(_rows(tofu / f"forget{n}_perturbed.json")[0]) >= {
-            "question", "answer", "paraphrased_answer", "paraphrased_question", "perturbed_answer",
+            "question",
+            "answer",
+            "paraphrased_answer",
+            "paraphrased_question",
+            "perturbed_answer",
         }
         assert set(_rows(tofu / f"holdout{n}.json")[0]) == {"question", "answer"}
     for name in ("real_authors_perturbed", "world_facts_perturbed"):
@@ -118,8 +122,14 @@ def test_unlearning_module_fits_and_validates_on_tofu_fixture(tmp_path):
     dm = TOFUDataModule(FIX / "tofu", "forget01", forget_batch_size=2, retain_batch_size=4, max_length=64)
     module = UnlearningModule(objective="npo", max_new_tokens=4)
     trainer = pl.Trainer(
-        max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path,
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
     )
     trainer.fit(module, dm)
     metrics = trainer.validate(module, dm, verbose=False)

@@ -119,7 +119,10 @@ def test_zlib_and_reference_scores():
     np.testing.assert_allclose(zlib_scores(average_loss(logits, labels), texts).numpy(), want, rtol=1e-6)
     want_ref = ou_avg_loss(logits, labels) - ou_avg_loss(ref_logits, labels)
     torch.testing.assert_close(
-        reference_scores(average_loss(logits, labels), average_loss(ref_logits, labels)), want_ref, atol=1e-6, rtol=0
+        reference_scores(average_loss(logits, labels), average_loss(ref_logits, labels)),
+        want_ref,
+        atol=1e-6,
+        rtol=0,
     )
 
 
@@ -157,7 +160,9 @@ def test_gradnorm_matches_per_sample_backward():
         logits = model(input_ids=ids[i : i + 1], attention_mask=torch.ones_like(ids[i : i + 1])).logits
         tok, _, _ = ou_tokenwise(logits, ids[i : i + 1], labels[i : i + 1])
         (-torch.mean(tok[0])).backward()
-        want.append(torch.stack([p.grad.detach().norm(p=2) for p in model.parameters() if p.grad is not None]).mean())
+        want.append(
+            torch.stack([p.grad.detach().norm(p=2) for p in model.parameters() if p.grad is not None]).mean()
+        )
     torch.testing.assert_close(ours, torch.stack(want), rtol=1e-5, atol=1e-7)
 
 
@@ -169,9 +174,14 @@ def test_mia_scores_dispatch_and_errors():
     labels[:, :3] = -100
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits
-    torch.testing.assert_close(mia_scores(model, batch, "loss"), ou_avg_loss(logits, labels), atol=1e-5, rtol=0)
     torch.testing.assert_close(
-        mia_scores(model, batch, "min_k", k=0.4), min_k_scores(token_logprobs(logits, labels), 0.4), atol=1e-5, rtol=0
+        mia_scores(model, batch, "loss"), ou_avg_loss(logits, labels), atol=1e-5, rtol=0
+    )
+    torch.testing.assert_close(
+        mia_scores(model, batch, "min_k", k=0.4),
+        min_k_scores(token_logprobs(logits, labels), 0.4),
+        atol=1e-5,
+        rtol=0,
     )
     assert torch.allclose(mia_scores(model, batch, "reference", reference=model), torch.zeros(3), atol=1e-6)
     with pytest.raises(ValueError, match="texts"):
@@ -226,7 +236,9 @@ def test_normalized_probability_matches_tofu_aggregate():
     avg_false = np.exp(-(-pert_logp / pert_n).numpy())
     all_prob = np.concatenate([avg_true[:, None], avg_false], axis=1).sum(-1)
     want = avg_true / (all_prob + 1e-10)
-    np.testing.assert_allclose(normalized_probability(true_logp, true_n, pert_logp, pert_n).numpy(), want, rtol=1e-6)
+    np.testing.assert_allclose(
+        normalized_probability(true_logp, true_n, pert_logp, pert_n).numpy(), want, rtol=1e-6
+    )
     metric = NormalizedProbability()
     metric.update(true_logp, true_n, pert_logp, pert_n)
     assert float(metric.compute()) == pytest.approx(want.mean(), rel=1e-6)

@@ -90,13 +90,19 @@ def ou_ceu(logits, labels, n):
 def test_idk_dpo_matches_reference():
     (lw, yw), (lrw, _), (ll, yl), (lrl, _) = (_qa(s) for s in range(4))
     ours = idk_dpo_loss(
-        answer_logprobs(lw, yw)[0], answer_logprobs(lrw, yw)[0], answer_logprobs(ll, yl)[0], answer_logprobs(lrl, yl)[0], 0.1
+        answer_logprobs(lw, yw)[0],
+        answer_logprobs(lrw, yw)[0],
+        answer_logprobs(ll, yl)[0],
+        answer_logprobs(lrl, yl)[0],
+        0.1,
     )
     want = ou_dpo((lw, yw), (lrw, yw), (ll, yl), (lrl, yl), 0.1)
     torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-6)
     # at the reference (model == ref) every log ratio is 0: loss = (2/beta) log 2
     same = answer_logprobs(lw, yw)[0]
-    assert float(idk_dpo_loss(same, same, same, same, 0.1)) == pytest.approx(20 * torch.log(torch.tensor(2.0)).item())
+    assert float(idk_dpo_loss(same, same, same, same, 0.1)) == pytest.approx(
+        20 * torch.log(torch.tensor(2.0)).item()
+    )
 
 
 @pytest.mark.parametrize("beta", [0.0, 10.0])
@@ -104,15 +110,27 @@ def test_undial_matches_reference(beta):
     logits, labels = _qa(5)
     teacher, _ = _qa(6)
     torch.testing.assert_close(
-        undial_loss(logits, teacher, labels, beta, all_positions=True), ou_undial(logits, teacher, labels, beta), rtol=1e-5, atol=1e-6
+        undial_loss(logits, teacher, labels, beta, all_positions=True),
+        ou_undial(logits, teacher, labels, beta),
+        rtol=1e-5,
+        atol=1e-6,
     )
     # fully labelled batch: our default (labelled tokens only) is the reference's number
     full_logits, full_labels = _qa(7, all_labelled=True)
     torch.testing.assert_close(
-        undial_loss(full_logits, teacher, full_labels, beta), ou_undial(full_logits, teacher, full_labels, beta), rtol=1e-5, atol=1e-6
+        undial_loss(full_logits, teacher, full_labels, beta),
+        ou_undial(full_logits, teacher, full_labels, beta),
+        rtol=1e-5,
+        atol=1e-6,
     )
     # on QA batches the default averages over answer tokens only, so it differs from the reference
-    assert abs(float(undial_loss(logits, teacher, labels, beta)) - float(ou_undial(logits, teacher, labels, beta))) > 1e-3
+    assert (
+        abs(
+            float(undial_loss(logits, teacher, labels, beta))
+            - float(ou_undial(logits, teacher, labels, beta))
+        )
+        > 1e-3
+    )
 
 
 @pytest.mark.parametrize("beta", [1.0, 2.5])
@@ -164,4 +182,6 @@ def test_terms_run_on_a_model_and_register():
     with pytest.raises(ValueError, match="reference"):
         EXTRA_FORGET_TERMS["undial"](model, batch, None)
     with pytest.raises(ValueError, match="idk_input_ids"):
-        EXTRA_FORGET_TERMS["idk_dpo"](model, {k: v for k, v in batch.items() if not k.startswith("idk_")}, ref)
+        EXTRA_FORGET_TERMS["idk_dpo"](
+            model, {k: v for k, v in batch.items() if not k.startswith("idk_")}, ref
+        )

@@ -269,7 +269,9 @@ def load_wmdp_corpus(path: str | os.PathLike[str], domain: str = "cyber", kind: 
     return list(ds["text"])
 
 
-def load_wmdp_questions(path: str | os.PathLike[str] = "cais/wmdp", domain: str = "cyber") -> list[dict[str, Any]]:
+def load_wmdp_questions(
+    path: str | os.PathLike[str] = "cais/wmdp", domain: str = "cyber"
+) -> list[dict[str, Any]]:
     """The WMDP multiple-choice questions of ``domain``: dicts with question, choices, answer."""
     if domain not in WMDP_DOMAINS:
         raise ValueError(f"domain={domain!r} is invalid: choose one of {WMDP_DOMAINS}.")
@@ -353,7 +355,11 @@ class TextChunkDataset(Dataset):
     """
 
     def __init__(
-        self, texts: Sequence[str], tokenizer: Any, max_length: int = 256, max_chunks_per_doc: int | None = None
+        self,
+        texts: Sequence[str],
+        tokenizer: Any,
+        max_length: int = 256,
+        max_chunks_per_doc: int | None = None,
     ) -> None:
         if max_length < 2:
             raise ValueError(f"max_length={max_length!r} is invalid: a chunk needs at least 2 tokens.")

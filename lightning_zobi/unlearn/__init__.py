@@ -1,6 +1,12 @@
 """Unlearning losses and metrics (pure PyTorch): LLM forget/retain objectives and their evaluation."""
 
 from lightning_zobi.unlearn.llm import METHODS, UnlearningObjective, load_weights
+from lightning_zobi.unlearn.memorization import (
+    ExtractionStrength,
+    MultipleChoiceAccuracy,
+    NormalizedProbability,
+    TokenExactMemorization,
+)
 from lightning_zobi.unlearn.metrics import (
     AnswerProbability,
     ExactMatch,
@@ -12,18 +18,29 @@ from lightning_zobi.unlearn.metrics import (
     UnlearningEvaluator,
     evaluate_model,
 )
+from lightning_zobi.unlearn.mia import MembershipAUC, mia_scores, privleak
+from lightning_zobi.unlearn.objectives_extra import EXTRA_FORGET_TERMS, EXTRA_METHODS
 
 __all__ = [
+    "EXTRA_FORGET_TERMS",
+    "EXTRA_METHODS",
     "METHODS",
     "AnswerProbability",
     "ExactMatch",
+    "ExtractionStrength",
     "ForgetQuality",
     "LossMIA",
+    "MembershipAUC",
     "ModelUtility",
+    "MultipleChoiceAccuracy",
+    "NormalizedProbability",
     "RougeLRecall",
+    "TokenExactMemorization",
     "TruthRatio",
     "UnlearningEvaluator",
     "UnlearningObjective",
     "evaluate_model",
     "load_weights",
+    "mia_scores",
+    "privleak",
 ]

@@ -71,7 +71,9 @@ def normalized_probability(true_logp: Tensor, true_n: Tensor, pert_logp: Tensor,
     ``true_*``: ``(B,)`` of the true answer; ``pert_*``: ``(B, k)`` of the ``k`` wrong options.
     """
     if pert_logp.dim() != 2 or pert_logp.shape[0] != true_logp.shape[0]:
-        raise ValueError(f"pert_logp {tuple(pert_logp.shape)} must be (B, k) for true_logp {tuple(true_logp.shape)}.")
+        raise ValueError(
+            f"pert_logp {tuple(pert_logp.shape)} must be (B, k) for true_logp {tuple(true_logp.shape)}."
+        )
     p = torch.exp(true_logp.double() / true_n.clamp_min(1))
     wrong = torch.exp(pert_logp.double() / pert_n.clamp_min(1)).sum(-1)
     return p / (p + wrong + 1e-10)

@@ -54,7 +54,9 @@ def idk_dpo_loss(
     All inputs are per-sequence log-likelihood sums ``(B,)``; the reference's are detached.
     """
     if not beta > 0:
-        raise ValueError(f"beta={beta!r} is invalid: DPO's temperature must be > 0 (open-unlearning uses 0.1).")
+        raise ValueError(
+            f"beta={beta!r} is invalid: DPO's temperature must be > 0 (open-unlearning uses 0.1)."
+        )
     win = logp_idk - ref_logp_idk.detach()
     lose = logp_forget - ref_logp_forget.detach()
     return -(2.0 / beta) * F.logsigmoid(beta * (win - lose)).mean()
@@ -69,7 +71,9 @@ def undial_loss(
     (``all_positions=True``: over all ``B·(T-1)`` positions, open-unlearning's reduction).
     """
     if not beta >= 0:
-        raise ValueError(f"beta={beta!r} is invalid: UNDIAL's logit penalty must be >= 0 (the paper uses 10).")
+        raise ValueError(
+            f"beta={beta!r} is invalid: UNDIAL's logit penalty must be >= 0 (the paper uses 10)."
+        )
     logits, ref = logits[:, :-1].float(), ref_logits[:, :-1].float().detach()
     target = labels[:, 1:]
     valid = target != -100
@@ -133,16 +137,24 @@ def _inputs(batch: Mapping[str, Tensor], prefix: str = "") -> dict[str, Tensor]:
 
 def _reference(reference: nn.Module | None, term: str) -> nn.Module:
     if reference is None:
-        raise ValueError(f"the {term!r} term needs a frozen reference model; pass reference=<model before unlearning>.")
+        raise ValueError(
+            f"the {term!r} term needs a frozen reference model; pass reference=<model before unlearning>."
+        )
     return reference
 
 
 def idk_dpo_term(
-    model: nn.Module, batch: Mapping[str, Tensor], reference: nn.Module | None = None, beta: float = 0.1, **_: Any
+    model: nn.Module,
+    batch: Mapping[str, Tensor],
+    reference: nn.Module | None = None,
+    beta: float = 0.1,
+    **_: Any,
 ) -> Tensor:
     """IdkDPO on a forget batch with ``idk_*`` keys (``ForgetQADataset`` / ``TOFUDataModule`` make them)."""
     if "idk_input_ids" not in batch:
-        raise ValueError("forget='idk_dpo' needs idk_input_ids/idk_attention_mask/idk_labels in the forget batch.")
+        raise ValueError(
+            "forget='idk_dpo' needs idk_input_ids/idk_attention_mask/idk_labels in the forget batch."
+        )
     ref = _reference(reference, "idk_dpo")
     logp_idk, _ = sequence_logprobs(model, batch, prefix="idk_")
     logp, _ = sequence_logprobs(model, batch)
@@ -153,7 +165,11 @@ def idk_dpo_term(
 
 
 def undial_term(
-    model: nn.Module, batch: Mapping[str, Tensor], reference: nn.Module | None = None, beta: float = 10.0, **_: Any
+    model: nn.Module,
+    batch: Mapping[str, Tensor],
+    reference: nn.Module | None = None,
+    beta: float = 10.0,
+    **_: Any,
 ) -> Tensor:
     ref = _reference(reference, "undial")
     logits = model(**_inputs(batch)).logits
@@ -162,7 +178,13 @@ def undial_term(
     return undial_loss(logits, ref_logits, batch["labels"], beta)
 
 
-def wga_term(model: nn.Module, batch: Mapping[str, Tensor], reference: nn.Module | None = None, beta: float = 1.0, **_: Any) -> Tensor:
+def wga_term(
+    model: nn.Module,
+    batch: Mapping[str, Tensor],
+    reference: nn.Module | None = None,
+    beta: float = 1.0,
+    **_: Any,
+) -> Tensor:
     return wga_loss(model(**_inputs(batch)).logits, batch["labels"], beta)
 
 
@@ -178,7 +200,11 @@ def satimp_term(
 
 
 def ceu_term(
-    model: nn.Module, batch: Mapping[str, Tensor], reference: nn.Module | None = None, ignore_first_n: int = 1, **_: Any
+    model: nn.Module,
+    batch: Mapping[str, Tensor],
+    reference: nn.Module | None = None,
+    ignore_first_n: int = 1,
+    **_: Any,
 ) -> Tensor:
     return ceu_loss(model(**_inputs(batch)).logits, batch["labels"], ignore_first_n)
 

@@ -41,7 +41,10 @@ class CorpusUnlearningDataModule(pl.LightningDataModule):
         super().__init__()
         if mode not in _MODES:
             raise ValueError(f"mode={mode!r} is invalid: choose one of {_MODES}.")
-        for name, value in (("forget_batch_size", forget_batch_size), ("retain_batch_size", retain_batch_size)):
+        for name, value in (
+            ("forget_batch_size", forget_batch_size),
+            ("retain_batch_size", retain_batch_size),
+        ):
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"{name}={value!r} is invalid: use a batch size >= 1.")
         self.tokenizer = load_tokenizer(tokenizer)
