@@ -106,7 +106,9 @@ def test_min_k_and_min_k_plus_plus(k):
     ours = min_k_scores(token_logprobs(logits, labels), k)
     np.testing.assert_allclose(ours.numpy(), [ou_min_k(t, k) for t in tok], rtol=0, atol=1e-6)
     ours_pp = min_k_plus_plus_scores(token_logprobs(logits, labels), vocab_logprobs(logits, labels), k)
-    np.testing.assert_allclose(ours_pp.numpy(), [ou_min_k_pp(t, v, k) for t, v in zip(tok, voc)], atol=1e-5)
+    np.testing.assert_allclose(
+        ours_pp.numpy(), [ou_min_k_pp(t, v, k) for t, v in zip(tok, voc, strict=True)], atol=1e-5
+    )
     assert not torch.allclose(ours, ours_pp)  # different statistics
 
 
@@ -115,7 +117,7 @@ def test_zlib_and_reference_scores():
     ref_logits = logits.flip(0)
     texts = ["Maren Ostvik was born in Tromso.", "aaaaaaaaaaaaaaaaaaaaaaaa", "x", "The Salt Ledger won."]
     loss = ou_avg_loss(logits, labels)
-    want = [float(l) / len(zlib.compress(t.encode("utf-8"))) for l, t in zip(loss, texts)]
+    want = [float(x) / len(zlib.compress(t.encode("utf-8"))) for x, t in zip(loss, texts, strict=True)]
     np.testing.assert_allclose(zlib_scores(average_loss(logits, labels), texts).numpy(), want, rtol=1e-6)
     want_ref = ou_avg_loss(logits, labels) - ou_avg_loss(ref_logits, labels)
     torch.testing.assert_close(
@@ -196,7 +198,7 @@ def test_mia_scores_dispatch_and_errors():
 def ou_em_es(logits, ids, labels):
     _, voc, labs = ou_tokenwise(logits, ids, labels)
     em, es = [], []
-    for lp, lab in zip(voc, labs):
+    for lp, lab in zip(voc, labs, strict=True):
         preds = torch.argmax(lp, dim=-1)
         em.append(((preds == lab).sum() / len(lab)).item())
         n = len(lab)
