@@ -8,11 +8,12 @@ Importing this package registers the ``zo_ddp`` / ``zo_fsdp`` strategies with Li
 from lightning_zobi.bilevel import (
     BilevelProblem,
     BilevelZOFO,
+    DataReweighting,
     GammaSchedule,
     ValueFunctionFree,
     ValueFunctionPenalty,
 )
-from lightning_zobi.lightning.callbacks import QZO, Bilevel, ZeroOrder
+from lightning_zobi.lightning.callbacks import QZO, Bilevel, Reweighting, ZeroOrder
 from lightning_zobi.lightning.checkpoint_io import AtomicCheckpointIO, export_safetensors
 from lightning_zobi.lightning.datamodules.facts import FactsDataModule
 from lightning_zobi.lightning.datamodules.unlearning import UnlearningDataModule
@@ -47,6 +48,8 @@ _LAZY = {
     "DiffusionModule": "lightning_zobi.lightning.modules.diffusion",
     "JudgeModule": "lightning_zobi.lightning.modules.diffusion",
     "DigitsDataModule": "lightning_zobi.lightning.datamodules.digits",
+    "DigitsSourcesDataModule": "lightning_zobi.lightning.datamodules.sources",
+    "FactsSourcesDataModule": "lightning_zobi.lightning.datamodules.sources",
     "SampleGrid": "lightning_zobi.lightning.callbacks.samples",
     "QuantizedCausalLMModule": "lightning_zobi.lightning.modules.quantized",
     "QuantizedDenoiserModule": "lightning_zobi.lightning.modules.quantized",
@@ -92,6 +95,8 @@ __all__ = [
     "Bilevel",
     "BilevelProblem",
     "BilevelZOFO",
+    "DataReweighting",
+    "Reweighting",
     "FusedZOSGD",
     "GammaSchedule",
     "QZOOptimizer",

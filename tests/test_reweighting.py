@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -102,3 +104,38 @@ def test_bad_arguments():
         DataReweighting(["a", "val"], lambda b, s: p.sum(), [p], torch.optim.SGD([p], lr=0.1))
     with pytest.raises(ValueError, match="optimizer"):
         DataReweighting(["a", "b"], lambda b, s: p.sum(), [p])
+
+
+def _fit_recipe(tmp_path, *overrides: str):
+    from lightning.pytorch.cli import LightningCLI
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "bilevel" / "reweight_noisy.yaml"
+    cli = LightningCLI(
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        run=False,
+        auto_configure_optimizers=False,
+        save_config_callback=None,
+        args=[
+            "--config",
+            str(recipe),
+            "--trainer.enable_progress_bar=false",
+            "--trainer.logger=false",
+            "--trainer.enable_checkpointing=false",
+            "--trainer.enable_model_summary=false",
+            "--trainer.max_steps=60",
+            "--trainer.val_check_interval=60",
+            f"--trainer.default_root_dir={tmp_path}",
+            *overrides,
+        ],
+    )
+    cli.trainer.fit(cli.model, cli.datamodule)
+    (cb,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "Reweighting"]
+    return cb.weights
+
+
+def test_reweight_noisy_recipe_drives_the_corrupted_source_down(tmp_path):
+    corrupted = _fit_recipe(tmp_path)
+    control = _fit_recipe(tmp_path, "--data.init_args.noise.noisy=0.0")  # both sources clean
+    assert corrupted["noisy"] < 0.25, corrupted
+    assert 0.35 < control["noisy"] < 0.65, control

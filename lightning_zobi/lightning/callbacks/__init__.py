@@ -2,6 +2,7 @@
 
 from lightning_zobi.lightning.callbacks.bilevel import Bilevel
 from lightning_zobi.lightning.callbacks.qzo import QZO
+from lightning_zobi.lightning.callbacks.reweighting import Reweighting
 from lightning_zobi.lightning.callbacks.zero_order import ZeroOrder
 
-__all__ = ["QZO", "Bilevel", "ZeroOrder"]
+__all__ = ["QZO", "Bilevel", "Reweighting", "ZeroOrder"]
