@@ -24,9 +24,8 @@ import torch
 from torch import Tensor
 
 from lightning_zobi.zo.directions import DirectionKey, Directions
+from lightning_zobi.zo.forwards import Closure, _loss_of
 from lightning_zobi.zo.perturbation import InPlacePerturbation, Perturber
-
-Closure = Callable[[], "Tensor | float | None"]
 
 
 @dataclass
@@ -48,28 +47,6 @@ class Estimate:
     pending: tuple[DirectionKey, float] | None = None
     finite: bool = True
     losses: list[float] = field(default_factory=list)
-
-
-def _loss_of(closure: Closure) -> Tensor | float:
-    """Run a forward-only closure and return its scalar loss as is (a tensor stays on its device)."""
-    loss = closure()
-    if loss is None:
-        raise ValueError(
-            "The closure returned no loss (None). A ZO step needs a scalar loss: make training_step/closure "
-            "return the loss tensor (or a dict with a 'loss' key)."
-        )
-    if isinstance(loss, Tensor):
-        if loss.numel() != 1:
-            raise ValueError(
-                f"The closure returned a tensor of shape {tuple(loss.shape)}; a ZO step needs a scalar loss. "
-                "Reduce it (e.g. loss.mean()) before returning."
-            )
-        return loss.detach()
-    if isinstance(loss, (int, float)):
-        return float(loss)
-    raise TypeError(
-        f"The closure returned {type(loss).__name__}; a ZO step needs a scalar loss (Tensor or float)."
-    )
 
 
 def _floats(losses: Sequence[Tensor | float]) -> list[float]:

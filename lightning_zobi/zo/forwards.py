@@ -25,7 +25,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
+
+Closure = Callable[[], "Tensor | float | None"]
+"""A forward-only closure returning the scalar loss."""
 
 RNG_MODES = ("shared", "independent")
 FORWARD_MODES = ("train", "eval")
@@ -117,3 +120,25 @@ def check_modes(rng: str, forward_mode: str) -> None:
             f"forward_mode={forward_mode!r} is invalid: use 'train' (the module's own mode) or 'eval' "
             "(the ZO forwards run in eval mode, as MeZO)."
         )
+
+
+def _loss_of(closure: Closure) -> Tensor | float:
+    """Run a forward-only closure and return its scalar loss as is (a tensor stays on its device)."""
+    loss = closure()
+    if loss is None:
+        raise ValueError(
+            "The closure returned no loss (None). A ZO step needs a scalar loss: make training_step/closure "
+            "return the loss tensor (or a dict with a 'loss' key)."
+        )
+    if isinstance(loss, Tensor):
+        if loss.numel() != 1:
+            raise ValueError(
+                f"The closure returned a tensor of shape {tuple(loss.shape)}; a ZO step needs a scalar loss. "
+                "Reduce it (e.g. loss.mean()) before returning."
+            )
+        return loss.detach()
+    if isinstance(loss, (int, float)):
+        return float(loss)
+    raise TypeError(
+        f"The closure returned {type(loss).__name__}; a ZO step needs a scalar loss (Tensor or float)."
+    )

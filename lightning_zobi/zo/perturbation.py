@@ -38,6 +38,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
 from lightning_zobi.zo.directions import DirectionKey, Directions
+from lightning_zobi.zo.forwards import _loss_of
 from lightning_zobi.zo.sharded import is_sharded
 
 Scale = float | Sequence[float]
@@ -49,12 +50,6 @@ PERTURBATIONS = ("exact", "inplace")
 
 def _scale_at(scale: Scale, index: int) -> float:
     return float(scale) if isinstance(scale, (int, float)) else float(scale[index])
-
-
-def _loss_of(closure: Callable[[], Any]) -> Any:
-    from lightning_zobi.zo.estimators import _loss_of as loss_of  # the estimators own the loss checks
-
-    return loss_of(closure)
 
 
 class Perturber:
