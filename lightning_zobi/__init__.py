@@ -13,7 +13,7 @@ from lightning_zobi.bilevel import (
     ValueFunctionFree,
     ValueFunctionPenalty,
 )
-from lightning_zobi.lightning.callbacks import QZO, Bilevel, Reweighting, ZeroOrder
+from lightning_zobi.lightning.callbacks import QZO, Bilevel, FlatnessMonitor, Reweighting, ZeroOrder
 from lightning_zobi.lightning.checkpoint_io import AtomicCheckpointIO, export_safetensors
 from lightning_zobi.lightning.datamodules.facts import FactsDataModule
 from lightning_zobi.lightning.datamodules.unlearning import UnlearningDataModule
@@ -97,6 +97,7 @@ __all__ = [
     "BilevelZOFO",
     "DataReweighting",
     "Reweighting",
+    "FlatnessMonitor",
     "FusedZOSGD",
     "GammaSchedule",
     "QZOOptimizer",

@@ -86,3 +86,59 @@ def test_bad_arguments_are_refused_where_given():
         hessian_trace(lambda: p.sum(), params=[p], eps=-1.0)
     with pytest.raises(ValueError, match="optimizer"):
         hessian_trace(lambda: p.sum())
+
+
+def _tiny_fit(tmp_path, callbacks, steps=6):
+    import lightning.pytorch as pl
+
+    class Tiny(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = nn.functional.cross_entropy(self.net(x), y)
+            self.log("train_loss", loss)
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
+    model = Tiny()
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = pl.Trainer(
+        max_steps=steps,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=16))
+    return model, before, trainer
+
+
+def test_flatness_monitor_logs_the_trace_and_never_moves_the_model(tmp_path):
+    from lightning_zobi import ZeroOrder
+    from lightning_zobi.lightning.callbacks.flatness import FlatnessMonitor
+
+    monitor = FlatnessMonitor(every_n_steps=2, probes=4, eps=1e-2)
+    model, before, trainer = _tiny_fit(tmp_path, [ZeroOrder(lr=0.0), monitor])
+    assert [h[0] for h in monitor.history] == [2, 4, 6]  # global_step after the update
+    assert all(math.isfinite(h[1]) for h in monitor.history)
+    assert "zo/hessian_trace" in trainer.callback_metrics
+    for p, b in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p.detach(), b)  # lr = 0 and the monitor's probes never write θ
+
+
+def test_flatness_monitor_runs_under_first_order_training(tmp_path):
+    from lightning_zobi.lightning.callbacks.flatness import FlatnessMonitor
+
+    monitor = FlatnessMonitor(every_n_steps=3, probes=4)
+    _tiny_fit(tmp_path, [monitor])
+    assert [h[0] for h in monitor.history] == [3, 6]
+    assert all(h[1] > 0 for h in monitor.history)  # cross-entropy of a small net: a positive trace here
