@@ -174,6 +174,7 @@ def test_one_fused_lozo_step_equals_the_lozo_formula():
         rank=rank,
         nu=4,
         seed=7,
+        unbiased=True,  # g·U Vᵀ / r
         perturbation="inplace",  # the in-place passes are counted; the exact path: test_fused_exact.py
     )
     passes = []

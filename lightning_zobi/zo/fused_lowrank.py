@@ -647,11 +647,11 @@ class FusedLOZO(FusedStep, LOZO):
 
     The rule of :class:`~lightning_zobi.zo.optim.LOZO` ("Enhancing Zeroth-order Fine-tuning for
     Language Models with Low-rank Structures", Chen et al., ICLR 2025, arXiv 2410.07698):
-    ``ĝ = g·U Vᵀ / r`` on 2-D weights, ``g·z`` elsewhere, ``θ ← (1 − lr·wd)·θ − lr·ĝ``, on
+    ``ĝ = g·U Vᵀ`` on 2-D weights (``/r`` with ``unbiased=True``), ``g·z`` elsewhere, ``θ ← (1 − lr·wd)·θ − lr·ĝ``, on
     :class:`FusedLowRankDirections`, with the step of :class:`~lightning_zobi.zo.fused.FusedStep`::
 
         (θ + εZ_t already applied)  L+ ;  θ −= 2εZ_t  L- ;
-        θ ← (1 − lr·wd)(θ + εZ_t) − lr·(g/r)·Z_t + εZ_{t+1}       (one pass: two directions)
+        θ ← (1 − lr·wd)(θ + εZ_t) − lr·g·Z_t + εZ_{t+1}       (one pass: two directions)
 
     ``Z_t`` and ``Z_{t+1}`` share ``V`` inside a lazy period, so that pass sums them in the factor
     space. A pass is one tile launch per group of 2-D weights (per dtype, split by alignment and
@@ -699,9 +699,8 @@ class FusedLOZO(FusedStep, LOZO):
         return self.directions
 
     def _grad_scale(self) -> np.ndarray:
-        """LOZO's ``1/r`` on ``U Vᵀ`` (the unbiased estimate), 1 on the dense directions."""
-        matrix = np.array([p.dim() == 2 for p in self._params()], dtype=bool)
-        return np.where(matrix, 1.0 / self.fused_directions.rank, 1.0)
+        """:meth:`LOZO.matrix_scale` per parameter: 1 (the LOZO code), ``1/r`` on ``U Vᵀ`` with ``unbiased=True``."""
+        return np.asarray([self.matrix_scale(p) if p.dim() == 2 else 1.0 for p in self._params()], dtype=np.float64)
 
 
 __all__ = ["FusedLOZO", "FusedLowRankDirections", "u_seeds", "v_seeds"]
