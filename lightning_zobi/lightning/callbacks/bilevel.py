@@ -25,7 +25,7 @@ checkpoint through this callback's ``state_dict`` and restored on resume.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -34,6 +34,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_zobi.bilevel import SOLVERS, BilevelProblem, BilevelSolver, GammaSchedule
+from lightning_zobi.lightning.callbacks.zero_order import Difference, ZORuleName
 
 _DEFAULT_PARAMS = {
     "penalty": ("trainable", "trainable"),
@@ -114,25 +115,25 @@ class Bilevel(Callback):
 
     def __init__(
         self,
-        solver: str = "penalty",
+        solver: Literal["penalty", "vf_free", "zofo"] = "penalty",
         gamma: float = 10.0,
-        gamma_schedule: str = "constant",
+        gamma_schedule: Literal["constant", "linear", "geometric"] = "constant",
         gamma_init: float | None = None,
         gamma_ramp_steps: int = 1000,
         inner_steps: int = 1,
         inner_lr: float = 1e-2,
-        inner_optimizer: str = "sgd",
+        inner_optimizer: Literal["sgd", "adam"] = "sgd",
         upper_params: str | None = None,
         lower_params: str | None = None,
         upper_key: str | None = None,
         lower_key: str | None = None,
         split_batch: bool = False,
         reset_inner: bool = False,
-        zo_optimizer: str = "zo_sgd",
+        zo_optimizer: ZORuleName = "zo_sgd",
         zo_lr: float = 1e-6,
         eps: float = 1e-3,
         queries: int = 1,
-        difference: str = "central",
+        difference: Difference = "central",
         seed: int = 0,
         max_nonfinite: int = 5,
         zo_kwargs: dict[str, Any] | None = None,

@@ -28,7 +28,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.optim import Optimizer
 
-from lightning_zobi.lightning.callbacks.zero_order import ZeroOrder
+from lightning_zobi.lightning.callbacks.zero_order import (
+    Difference,
+    ForwardMode,
+    Perturbation,
+    RNGMode,
+    ZeroOrder,
+)
 from lightning_zobi.quant.backends import qzo_optimizer
 from lightning_zobi.quant.convert import load_4bit_state_
 from lightning_zobi.quant.qzo import DEFAULT_CLIP, QZORule
@@ -75,16 +81,16 @@ class QZO(ZeroOrder):
         clip: float | None = DEFAULT_CLIP,
         nonnegative: bool = True,
         queries: int = 1,
-        difference: str = "central",
+        difference: Difference = "central",
         layers: str | None = None,
         backends: list[str] | None = None,
         unnest: bool = True,
         seed: int = 0,
         max_nonfinite: int = 5,
         fused: bool | None = None,
-        forward_mode: str | None = None,
-        rng: str | None = None,
-        perturbation: str | None = None,
+        forward_mode: ForwardMode | None = None,
+        rng: RNGMode | None = None,
+        perturbation: Perturbation | None = None,
         stochastic_rounding: bool | None = None,
     ) -> None:
         super().__init__(

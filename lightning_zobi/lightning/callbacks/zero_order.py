@@ -33,7 +33,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -47,9 +47,27 @@ from lightning_zobi.lightning.strategies import ZODDPStrategy, ZOFSDPStrategy
 from lightning_zobi.zo.optim import OPTIMIZERS, ZOFOHybrid, ZOOptimizer, build_optimizer
 from lightning_zobi.zo.params import select_parameters
 
-FORWARD_MODES = ("train", "eval")
-RNG_MODES = ("shared", "independent")
-PERTURBATIONS = ("exact", "inplace")
+ZORuleName = Literal[
+    "zo_sgd",
+    "zo_sgd_momentum",
+    "zo_sgd_cons",
+    "zo_sign",
+    "zo_adam",
+    "lozo",
+    "lozo_m",
+    "sparse_zo",
+    "zo_fo_hybrid",
+]
+"""The rule names of ``lightning_zobi.zo.OPTIMIZERS``, spelled out so a config typo fails at parse time (a test
+checks that both agree)."""
+Difference = Literal["central", "forward"]
+ForwardMode = Literal["train", "eval"]
+RNGMode = Literal["shared", "independent"]
+Perturbation = Literal["exact", "inplace"]
+
+FORWARD_MODES: tuple[str, ...] = get_args(ForwardMode)
+RNG_MODES: tuple[str, ...] = get_args(RNGMode)
+PERTURBATIONS: tuple[str, ...] = get_args(Perturbation)
 NO_DECAY_NAMES = ("bias", "norm", "ln")
 """Substrings (of the lower-cased parameter name) that MeZO exempts from weight decay, besides 1-D tensors."""
 
@@ -180,17 +198,17 @@ class ZeroOrder(Callback):
 
     def __init__(
         self,
-        optimizer: str = "zo_sgd",
+        optimizer: ZORuleName = "zo_sgd",
         lr: float | None = None,
         eps: float = 1e-3,
         queries: int = 1,
-        difference: str = "central",
+        difference: Difference = "central",
         params: str = "trainable",
         seed: int = 0,
         max_nonfinite: int = 5,
-        forward_mode: str | None = None,
-        rng: str | None = None,
-        perturbation: str | None = None,
+        forward_mode: ForwardMode | None = None,
+        rng: RNGMode | None = None,
+        perturbation: Perturbation | None = None,
         stochastic_rounding: bool | None = None,
         exclude_bias_and_norm: bool = True,
         optimizer_kwargs: dict[str, Any] | None = None,
