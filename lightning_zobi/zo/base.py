@@ -171,6 +171,7 @@ class ZOOptimizer(Optimizer):
         self.stochastic_rounding = True if stochastic_rounding is None else bool(stochastic_rounding)
         self.projected_grad_clip = None if projected_grad_clip is None else float(projected_grad_clip)
         self.module: torch.nn.Module | None = None
+        self.offload: Any = None  # a ParameterOffload (zo/offload.py): weights live on the host
         self.tensor_owners: dict[int, torch.nn.Module] = {}
         self._perturbers: dict[str, Perturber] = {}
         self._forwards: StepForwards | None = None
@@ -207,21 +208,34 @@ class ZOOptimizer(Optimizer):
         if perturber is None or len(perturber.params) != len(params) or any(
             a is not b for a, b in zip(perturber.params, params, strict=True)
         ):
-            perturber = make_perturber(
-                self.perturbation, params, self.directions, self.tensor_owners, self.module
-            )
+            if self.offload is not None:
+                from lightning_zobi.zo.offload import OffloadedJustInTime  # the offload backend
+
+                perturber = OffloadedJustInTime(params, self.directions, self.offload, self.tensor_owners)
+            else:
+                perturber = make_perturber(
+                    self.perturbation, params, self.directions, self.tensor_owners, self.module
+                )
             self._perturbers[self.perturbation] = perturber
         perturber.directions = self.directions
         return perturber
 
     def _writable(self, param: Tensor, index: int, step: int | None = None) -> Any:
-        """Context yielding what the rule updates for ``param`` (an fp32 copy under stochastic rounding)."""
-        enabled = self.stochastic_rounding and param.dtype in HALF_DTYPES
-        generator = None
-        if enabled:
-            seed = derive_seed(self.seed, self.zo_step if step is None else step, _ROUNDING_SALT, index)
-            generator = self.directions._pool.get(param.device, seed)
-        return writable(param, generator, enabled)
+        """Context yielding what the rule updates for ``param`` (an fp32 copy under stochastic rounding).
+
+        The rounding uniforms come from a generator seeded by (run seed, step, parameter index),
+        drawn after the rule's own draws, so resume is bit-exact and paths agree.
+        """
+        seed = derive_seed(self.seed, self.zo_step if step is None else step, _ROUNDING_SALT, index)
+
+        def generator(device: torch.device) -> torch.Generator:
+            return self.directions._pool.get(device, seed)
+
+        if self.offload is not None and self.offload.holds(param):
+            from lightning_zobi.zo.offload import offloaded_writable
+
+            return offloaded_writable(self.offload, param, generator, self.stochastic_rounding)
+        return writable(param, generator, self.stochastic_rounding and param.dtype in HALF_DTYPES)
 
     def _step_forwards(self, closure: Closure) -> StepForwards:
         if self.forward_mode == "eval" and self.module is None:
@@ -261,6 +275,8 @@ class ZOOptimizer(Optimizer):
         finally:
             forwards.finish()
             self._forwards = None
+            if self.offload is not None:
+                self.offload.end_forward()  # drop copies prefetched for the update
         if not estimate.finite:
             self._restore(estimate)
             self.nonfinite_streak += 1

@@ -208,16 +208,20 @@ class JustInTimePerturbation(Perturber):
         self._outside_reads: dict[int, Tensor] = {}
 
     # ------------------------------------------------------------------ materialisation
+    def source(self, index: int) -> Tensor:
+        """θ of tensor ``index`` where the forward runs (the parameter itself; offload fetches it)."""
+        return self.params[index].detach()
+
     def materialize(self, index: int) -> Tensor:
         """``θ + Σ s·z`` of tensor ``index`` as a new tensor in its dtype (one rounding for bf16/fp16)."""
-        p = self.params[index]
-        compute = torch.float32 if p.dtype in (torch.bfloat16, torch.float16) else p.dtype
-        out = p.detach().to(compute, copy=True)
+        src = self.source(index)
+        compute = torch.float32 if src.dtype in (torch.bfloat16, torch.float16) else src.dtype
+        out = src.to(compute, copy=True)
         for key, scale in self._terms:
             s = _scale_at(scale, index)
             if s:
-                self.directions.accumulate_(out, p, index, key, s)
-        return out if out.dtype == p.dtype else out.to(p.dtype)
+                self.directions.accumulate_(out, src, index, key, s)
+        return out if out.dtype == src.dtype else out.to(src.dtype)
 
     def _swap_in(self, index: int) -> None:
         depth = self._depth.get(index, 0)

@@ -14,7 +14,7 @@ Memory: during the write of one tensor, an fp32 working copy and a uniform draw 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -37,16 +37,19 @@ def stochastic_round(value: Tensor, dtype: torch.dtype, generator: torch.Generat
 
 
 @contextmanager
-def writable(param: Tensor, generator: torch.Generator | None, enabled: bool) -> Iterator[Tensor]:
+def writable(
+    param: Tensor, generator: Callable[[torch.device], torch.Generator] | None, enabled: bool
+) -> Iterator[Tensor]:
     """Yield the tensor a rule should update for ``param``: ``param`` itself, or an fp32 copy.
 
     With ``enabled`` and a bf16/fp16 ``param`` the rule works on an fp32 copy, which is then
-    stochastically rounded back into ``param`` (``generator`` draws the uniforms); otherwise the
-    rule writes ``param`` in place with the dtype's round-to-nearest.
+    stochastically rounded back into ``param``; ``generator(device)`` gives the seeded generator of
+    the uniforms, asked for only at rounding time (the rule's own draws cannot disturb it).
+    Otherwise the rule writes ``param`` in place with the dtype's round-to-nearest.
     """
     if not enabled or param.dtype not in HALF_DTYPES:
         yield param
         return
     work = param.float()
     yield work
-    param.copy_(stochastic_round(work, param.dtype, generator))
+    param.copy_(stochastic_round(work, param.dtype, generator(param.device) if generator else None))
