@@ -27,6 +27,7 @@ from lightning_zobi.zo.optim import (
     build_optimizer,
     extra_state_bytes,
 )
+from lightning_zobi.zo.offload import ParameterOffload, offload_parameters
 from lightning_zobi.zo.params import select_parameters
 from lightning_zobi.zo.sharded import ChunkedGaussianDirections, chunked_normal, use_sharded_directions
 
@@ -45,6 +46,7 @@ __all__ = [
     "LowRankDirections",
     "NonFiniteLossError",
     "ParameterDivergenceError",
+    "ParameterOffload",
     "SparseDirections",
     "SparseZO",
     "ZOAdam",
@@ -60,6 +62,7 @@ __all__ = [
     "derive_seed",
     "extra_state_bytes",
     "forward_difference",
+    "offload_parameters",
     "fused_available",
     "select_parameters",
     "tensor_checksum",
