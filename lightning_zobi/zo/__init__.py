@@ -11,6 +11,7 @@ from lightning_zobi.zo.directions import (
 from lightning_zobi.zo.distributed import ParameterDivergenceError, ZODataParallel, tensor_checksum
 from lightning_zobi.zo.estimators import Estimate, central_difference, forward_difference
 from lightning_zobi.zo.fused import FusedGaussianDirections, FusedZOSGD, fused_available
+from lightning_zobi.zo.offload import ParameterOffload, offload_parameters
 from lightning_zobi.zo.optim import (
     LOZO,
     LOZOM,
@@ -27,7 +28,6 @@ from lightning_zobi.zo.optim import (
     build_optimizer,
     extra_state_bytes,
 )
-from lightning_zobi.zo.offload import ParameterOffload, offload_parameters
 from lightning_zobi.zo.params import select_parameters
 from lightning_zobi.zo.sharded import ChunkedGaussianDirections, chunked_normal, use_sharded_directions
 
