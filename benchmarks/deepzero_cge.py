@@ -31,11 +31,11 @@ from torch import nn
 
 from lightning_zobi.data.images import load_digits_splits
 from lightning_zobi.zo.coordinate import ZOCGE
-from lightning_zobi.zo.optim import ZOSGD
+from lightning_zobi.zo.optim import ZOSGD, NonFiniteLossError
 
 GRIDS = {
-    "zo_cge (ZO-GraSP 0.5)": [0.05, 0.1, 0.2],
-    "zo_cge (dense)": [0.05, 0.1, 0.2],
+    "zo_cge (ZO-GraSP 0.5)": [0.2, 0.5, 1.0],
+    "zo_cge (dense)": [0.2, 0.5, 1.0],
     "zo_sgd": [1e-3, 3e-3, 1e-2],
     "fo_sgd": [0.05, 0.1, 0.3],
 }
@@ -82,7 +82,10 @@ def run(method: str, lr: float, seed: int, forwards: int, coordinates: int) -> d
             loss().backward()
             opt.step()
         else:
-            opt.step(loss)
+            try:
+                opt.step(loss)
+            except NonFiniteLossError:  # diverged: reported as an infinite loss
+                break
         used += per_step
         steps += 1
     with torch.no_grad():

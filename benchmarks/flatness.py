@@ -49,7 +49,7 @@ def valley(seed: int, steps: int, lr: float, eps: float) -> dict:
         if method == "zo_sgd":
             opt = ZOSGD([theta], lr=lr, eps=eps, seed=seed)
             for _ in range(steps):
-                opt.step(lambda: loss_of(theta))
+                opt.step(lambda theta=theta: loss_of(theta))
         else:
             sgd = torch.optim.SGD([theta], lr=lr)
             for _ in range(steps):
@@ -58,7 +58,7 @@ def valley(seed: int, steps: int, lr: float, eps: float) -> dict:
                 sgd.step()
             opt = ZOSGD([theta], lr=0.0, seed=seed)  # only for the diagnostic's perturber
         flat = theta.detach()
-        est = hessian_trace(lambda: loss_of(theta), opt, probes=64, eps=1e-3)
+        est = hessian_trace(lambda theta=theta: loss_of(theta), opt, probes=64, eps=1e-3)
         out[method] = {
             "loss": float(loss_of(flat)),
             "trace_exact": float(torch.diagonal(hessian(loss_of)(flat)).sum()),

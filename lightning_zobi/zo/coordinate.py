@@ -33,7 +33,7 @@ DDP ranks agree without communicating and a resumed run continues exactly (the Z
 densities are saved in the optimizer state).
 
 Importing this module registers ``"zo_cge"`` in :data:`lightning_zobi.zo.optim.OPTIMIZERS`
-(``import lightning_zobi`` does). It imports the base; the base never imports it (no import circle).
+(``import lightning_zobi`` does). It imports the base and the registry; neither imports it (no import circle).
 
 Memory: one int64 index per allowed coordinate (the mask, rebuilt per period or per step) and one
 per chosen coordinate; ZO-GraSP at its one step: a copy of θ and two parameter-sized buffers.
@@ -49,7 +49,8 @@ from torch import Tensor
 
 from lightning_zobi.zo.directions import DirectionKey, Directions, derive_seed, seeded_randn
 from lightning_zobi.zo.estimators import Closure, _floats, _loss_of
-from lightning_zobi.zo.optim import OPTIMIZERS, ZOOptimizer, _no_graph
+from lightning_zobi.zo.backends import OPTIMIZERS
+from lightning_zobi.zo.base import ZOOptimizer, _no_graph
 
 _SUBSET_SALT = 0x4347  # "CG": the step's coordinate subset
 _MASK_SALT = 0x4D4B  # "MK": the within-layer random mask of a period
