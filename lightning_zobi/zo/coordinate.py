@@ -47,10 +47,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_zobi.zo.directions import DirectionKey, Directions, derive_seed, seeded_randn
-from lightning_zobi.zo.estimators import Closure, _floats, _loss_of
 from lightning_zobi.zo.backends import OPTIMIZERS
 from lightning_zobi.zo.base import ZOOptimizer, _no_graph
+from lightning_zobi.zo.directions import DirectionKey, Directions, derive_seed, seeded_randn
+from lightning_zobi.zo.estimators import Closure, _floats, _loss_of
 
 _SUBSET_SALT = 0x4347  # "CG": the step's coordinate subset
 _MASK_SALT = 0x4D4B  # "MK": the within-layer random mask of a period
