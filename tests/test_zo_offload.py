@@ -54,3 +54,19 @@ def test_offload_refuses_stateful_rules_and_in_place_perturbation() -> None:
         offload_parameters(
             ZOSGD(model.parameters(), perturbation="inplace"), model, device="cpu"
         )
+
+
+def test_offload_benchmark_runs_on_cpu(tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "offload.json"
+    cmd = [sys.executable, str(root / "benchmarks" / "zo_offload.py"), "--shape", "tiny", "--device", "cpu",
+           "--steps", "1", "--batch", "2", "--seq", "16", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    row = json.loads(out.read_text())
+    assert row["shape"] == "tiny" and row["step_s"] > 0 and len(row["losses"]) == 2
