@@ -112,7 +112,6 @@ def main() -> None:
 
     h2d_s = statistics.median(timed(h2d, device) for _ in range(2))
     d2h_s = timed(d2h, device)
-    del dev_scratch
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     closure = lambda: model(input_ids=ids, labels=ids).loss  # noqa: E731
