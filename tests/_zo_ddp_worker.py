@@ -161,7 +161,12 @@ def run(scenario: str) -> dict:
     else:
         query_seeds = "per_rank" if scenario.endswith(("per_rank", "lr0")) else "shared"
         strategy = ZODDPStrategy(query_seeds=query_seeds, check_every=1 if scenario == "diverge" else 2)
-        t = trainer(strategy, 2, callbacks, precision="bf16-true" if scenario == "bf16_lr0" else "64-true")
+        t = trainer(
+            strategy,
+            int(os.environ.get("WORLD_SIZE", "2")),
+            callbacks,
+            precision="bf16-true" if scenario == "bf16_lr0" else "64-true",
+        )
     out: dict = {"scenario": scenario}
     try:
         t.fit(module, loader(PER_RANK_BATCH))

@@ -357,3 +357,26 @@ def test_zo_ddp_bf16_lr_zero_leaves_both_ranks_bit_identical_to_the_start(ranks)
         assert "error" not in result and result["steps"] == worker.STEPS
         for name, values in result["params"].items():
             assert torch.equal(torch.tensor(values, dtype=torch.float64).view_as(start[name]), start[name]), name
+
+
+@pytest.mark.slow
+def test_zo_ddp_four_ranks_bf16_lr_zero_bit_identical(tmp_path: Path) -> None:
+    """Issue 20's CPU part: four gloo ranks, bf16, lr=0, per-rank queries: every rank ends where it started."""
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "ZO_DDP_TEST_ROOT": str(tmp_path),
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+        str(Path(__file__).parent / "_zo_ddp_worker.py"), str(tmp_path), "bf16_lr0",
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    start = {n: p.detach().bfloat16().double() for n, p in worker.Regression(init_seed=0).named_parameters()}
+    for rank in range(4):
+        result = json.loads((tmp_path / f"bf16_lr0_rank{rank}.json").read_text())
+        assert "error" not in result and result["steps"] == worker.STEPS
+        for name, values in result["params"].items():
+            assert torch.equal(torch.tensor(values, dtype=torch.float64).view_as(start[name]), start[name]), name
