@@ -36,7 +36,7 @@ from typing import Any
 
 from jsonargparse import ArgumentError
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -155,9 +155,9 @@ class ZobiCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         from lightning_zobi.lightning.callbacks.report import RunReport
+        from lightning_zobi.lightning.checkpoint_io import RunCheckpoint
 
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": "link", "checkpoint.enable_version_counter": False})
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.add_lightning_class_args(RunReport, "report")
 
     def before_instantiate_classes(self) -> None:
@@ -295,7 +295,10 @@ def _fail(prog: str, message: str, code: int = 2) -> None:
 # ---------------------------------------------------------------------- entry points
 def run_cli(args: list[str] | None = None) -> ZobiCLI:
     """Parse ``args`` (``sys.argv`` when None), run the subcommand, return the CLI (its ``trainer``, ``model``)."""
+    from lightning_zobi.lightning.callbacks.zero_order import refresh_rule_names
+
     _quiet()
+    refresh_rule_names()  # rules registered after the callbacks were imported are choices too
     argv = sys.argv[1:] if args is None else list(args)
     prog = "zobi " + (argv[0] if argv and not argv[0].startswith("-") else "")
     traceback = os.environ.get("ZOBI_TRACEBACK", "") not in ("", "0")

@@ -20,10 +20,11 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.fabric.utilities.cloud_io import _load as pl_load
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from safetensors.torch import save_file
 from torch import nn
@@ -109,6 +110,47 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return pl_load(
             path, map_location=map_location, weights_only=True if weights_only is None else weights_only
         )
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """The ``zobi`` CLI's checkpoint: ``last.ckpt`` always, so ``--ckpt_path last`` resumes at the saved step.
+
+    A ``ModelCheckpoint`` whose defaults differ in two places: ``save_last="link"`` (``last.ckpt`` links to
+    the latest checkpoint, one file on disk; a resumed run finds it in ``dirpath`` and overwrites it) and
+    ``enable_version_counter=False`` (a re-run in the same folder writes ``last.ckpt``, not ``last-v1.ckpt``).
+    Its ``state_key`` is its own, so a recipe may add its own ``ModelCheckpoint`` (e.g. weights-only exports)
+    beside it: Lightning refuses two checkpoint callbacks with the same key.
+    """
+
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        filename: str | None = None,
+        monitor: str | None = None,
+        save_last: bool | Literal["link"] | None = "link",
+        save_top_k: int = 1,
+        save_weights_only: bool = False,
+        mode: str = "min",
+        every_n_train_steps: int | None = None,
+        every_n_epochs: int | None = None,
+        enable_version_counter: bool = False,
+    ) -> None:
+        super().__init__(
+            dirpath=dirpath,
+            filename=filename,
+            monitor=monitor,
+            save_last=save_last,
+            save_top_k=save_top_k,
+            save_weights_only=save_weights_only,
+            mode=mode,
+            every_n_train_steps=every_n_train_steps,
+            every_n_epochs=every_n_epochs,
+            enable_version_counter=enable_version_counter,
+        )
+
+    @property
+    def state_key(self) -> str:
+        return "Run" + super().state_key
 
 
 def export_safetensors(

@@ -34,7 +34,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_zobi.bilevel import SOLVERS, BilevelProblem, BilevelSolver, GammaSchedule
-from lightning_zobi.lightning.callbacks.zero_order import Difference, ZORuleName
+from lightning_zobi.lightning.callbacks import zero_order
+from lightning_zobi.lightning.callbacks.zero_order import Difference
 
 _DEFAULT_PARAMS = {
     "penalty": ("trainable", "trainable"),
@@ -129,7 +130,7 @@ class Bilevel(Callback):
         lower_key: str | None = None,
         split_batch: bool = False,
         reset_inner: bool = False,
-        zo_optimizer: ZORuleName = "zo_sgd",
+        zo_optimizer: zero_order.ZORuleName = "zo_sgd",
         zo_lr: float = 1e-6,
         eps: float = 1e-3,
         queries: int = 1,

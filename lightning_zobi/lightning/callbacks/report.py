@@ -50,6 +50,8 @@ Series = dict[str, list[tuple[int, float]]]
 
 SUMMARY_FILE = "summary.json"
 UNLEARN_WORDS = ("forget", "retain", "holdout")
+UNLEARN_EXTRA = ("mia_auc", "model_utility")
+"""Unlearning metrics whose name says neither forget nor retain (membership inference, model utility)."""
 _VERSION = re.compile(r"version_(\d+)$")
 
 
@@ -138,11 +140,14 @@ def metric_groups(keys: Iterable[str]) -> dict[str, list[str]]:
             groups["zo"].append(key)
         elif low.startswith("bilevel/"):
             groups["bilevel"].append(key)
-        elif any(word in low for word in UNLEARN_WORDS):
+        elif any(word in low for word in UNLEARN_WORDS + UNLEARN_EXTRA):
             groups["unlearning"].append(key)
         elif "loss" in low and not low.endswith("_epoch"):
             groups["loss"].append(key)
     return {k: v for k, v in groups.items() if v}
+
+
+_UNLEARN_TITLES = {"unlearn": "training loss terms", "em": "exact match", "prob": "answer probability"}
 
 
 def _panels(group: str, keys: list[str]) -> list[tuple[str, list[str]]]:
@@ -158,7 +163,7 @@ def _panels(group: str, keys: list[str]) -> list[tuple[str, list[str]]]:
                 p for p in re.split(r"[/_]", key) if p and p.lower() not in UNLEARN_WORDS + ("val", "train")
             ]
             by_metric.setdefault("/".join(parts) or key, []).append(key)
-        return sorted(by_metric.items())
+        return sorted((_UNLEARN_TITLES.get(k, k), v) for k, v in by_metric.items())
     if group == "zo":
         grads = [k for k in keys if "projected_grad" in k]
         skips = [k for k in keys if "nonfinite" in k]
@@ -180,12 +185,31 @@ def _figure(plt: Any, n: int, title: str) -> tuple[Any, list[Any]]:
 
 
 def _draw(ax: Any, points: Sequence[tuple[int, float]], label: str, **kwargs: Any) -> None:
+    """A curve; a noisy one (> 30 points) faint, with its running mean over ~1/20 of the run on top."""
     pts = _finite(points)
     if not pts:
         return
-    steps, values = zip(*pts, strict=False)
-    marker = "o" if len(pts) <= 12 else None
-    ax.plot(steps, values, label=label, marker=marker, markersize=3, **kwargs)
+    steps, values = (list(x) for x in zip(*pts, strict=True))
+    if len(pts) <= 30:
+        ax.plot(steps, values, label=label, marker="o" if len(pts) <= 12 else None, markersize=3, **kwargs)
+        return
+    (line,) = ax.plot(steps, values, alpha=0.3, linewidth=0.8, **kwargs)
+    width = max(2, len(pts) // 20)
+    mean = [
+        sum(values[max(0, i - width + 1) : i + 1]) / len(values[max(0, i - width + 1) : i + 1])
+        for i in range(len(values))
+    ]
+    ax.plot(steps, mean, color=line.get_color(), label=f"{label} (mean of {width})", **kwargs)
+
+
+def _style(ax: Any, title: str) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 def plot_series(series: Series, out_dir: str | Path, title: str = "") -> list[Path]:
@@ -201,16 +225,10 @@ def plot_series(series: Series, out_dir: str | Path, title: str = "") -> list[Pa
         for ax, (panel, panel_keys) in zip(axes, panels, strict=False):
             for key in panel_keys:
                 _draw(ax, series[key], key)
-            ax.set_title(panel, fontsize=10)
-            ax.set_xlabel("step")
-            if (
-                group == "zo"
-                and "projected" in panel
-                and all(v > 0 for k in panel_keys for _, v in _finite(series[k]))
-            ):
+            positive = all(v > 0 for k in panel_keys for _, v in _finite(series[k]))
+            if group == "zo" and "projected" in panel and positive:
                 ax.set_yscale("log")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            _style(ax, panel)
         fig.tight_layout()
         path = out_dir / f"{group}.png"
         fig.savefig(path, dpi=110)
@@ -233,10 +251,7 @@ def compare_runs(run_dirs: Sequence[str | Path], out: str | Path) -> Path | None
         for label, series in runs.items():
             if key in series:
                 _draw(ax, series[key], label)
-        ax.set_title(key, fontsize=10)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _style(ax, key)
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -561,7 +576,9 @@ class _StepMetrics:
         trainer = self.trainer  # type: ignore[attr-defined]
         total = trainer.num_training_batches
         if trainer.max_epochs == -1 and trainer.max_steps is not None and trainer.max_steps > 0:
-            done = trainer.global_step % total if isinstance(total, int) and total > 0 else 0  # one step per batch
+            done = (
+                trainer.global_step % total if isinstance(total, int) and total > 0 else 0
+            )  # one step per batch
             return min(total, done + trainer.max_steps - trainer.global_step)
         return total
 

@@ -47,19 +47,24 @@ from lightning_zobi.lightning.strategies import ZODDPStrategy, ZOFSDPStrategy
 from lightning_zobi.zo.optim import OPTIMIZERS, ZOFOHybrid, ZOOptimizer, build_optimizer
 from lightning_zobi.zo.params import select_parameters
 
-ZORuleName = Literal[
-    "zo_sgd",
-    "zo_sgd_momentum",
-    "zo_sgd_cons",
-    "zo_sign",
-    "zo_adam",
-    "lozo",
-    "lozo_m",
-    "sparse_zo",
-    "zo_fo_hybrid",
-]
-"""The rule names of ``lightning_zobi.zo.OPTIMIZERS``, spelled out so a config typo fails at parse time (a test
-checks that both agree)."""
+
+def rule_names() -> Any:
+    """The rule names registered in ``lightning_zobi.zo.OPTIMIZERS`` now, as a ``Literal``."""
+    return Literal[tuple(OPTIMIZERS)]
+
+
+ZORuleName = rule_names()
+"""``Literal`` of the ZO rule names, so a config typo fails at parse time with the choices listed. Rules
+registered after this module is imported join it through :func:`refresh_rule_names` (the ``zobi`` CLI calls it
+before parsing; jsonargparse reads the annotation then)."""
+
+
+def refresh_rule_names() -> None:
+    """Rebind :data:`ZORuleName` to the registry as it is now."""
+    global ZORuleName
+    ZORuleName = rule_names()
+
+
 Difference = Literal["central", "forward"]
 ForwardMode = Literal["train", "eval"]
 RNGMode = Literal["shared", "independent"]
