@@ -55,10 +55,22 @@ CHAINS: dict[str, tuple[str, ...]] = {
 }
 """Recipe chains (paths under ``recipes/``, globs allowed): each stage reads what the one before exported."""
 
+CHAIN_COMPARE: dict[str, tuple[str, ...]] = {
+    "llm-unlearning": ("llm/unlearn_*",),
+    "diffusion": ("diffusion/prune", "diffusion/two_phase", "diffusion/distill_unlearn"),
+}
+"""The stages whose runs a finished chain overlays on one figure (``runs/<family>/compare.png``)."""
+
 CHAIN_HELP = {
     "llm-unlearning": "teach a tiny Llama the facts, train the retain-only reference, then every unlearning recipe",
     "diffusion": "digit judge, teacher UNet, then the students: pruned, two-phase, one-phase (bilevel)",
 }
+
+DESCRIPTION = (
+    "zobi fit|validate|test|predict --config RECIPE [--key=value ...]: LightningCLI; runs go to runs/<family>/<recipe>/. "
+    "Also: `zobi report RUN_DIR [RUN_DIR ...]` (plots, comparison) and `zobi chain NAME` (a chain of recipes; "
+    "`zobi chain --list`)."
+)
 
 _QUIET_WARNINGS = (
     r".*Unable to serialize instance",
@@ -308,7 +320,7 @@ def run_cli(args: list[str] | None = None) -> ZobiCLI:
             subclass_mode_data=True,
             save_config_callback=RunConfigCallback,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"exit_on_error": False},
+            parser_kwargs={"exit_on_error": False, "description": DESCRIPTION},
             args=args,
             auto_configure_optimizers=False,
             trainer_defaults={"plugins": [ATOMIC_CHECKPOINT_IO]},
@@ -431,8 +443,8 @@ def chain_main(argv: list[str]) -> None:
             _fail(
                 "zobi chain", f"stage {stage} failed (exit {code}); rerun from it with --from {stage}", code
             )
-    runs = [run_dir_for(p) for p in stages]
-    done = [r for r in runs if (r / "summary.json").exists()]
+    leaves = {p for pattern in CHAIN_COMPARE[ns.name] for p in recipes.glob(pattern + ".yaml")}
+    done = [run_dir_for(p) for p in stages if p in leaves and (run_dir_for(p) / "summary.json").exists()]
     if not ns.dry_run and len(done) > 1:
         report_main([str(r) for r in done])
 
