@@ -120,17 +120,21 @@ def run_dir_for(config_path: str | os.PathLike[str] | None, fallback: str = "cli
     return Path(RUNS_ROOT, path.parent.name, path.stem)
 
 
-def default_loggers(run_dir: str | os.PathLike[str]) -> list[Any]:
-    """TensorBoard (where installed) and CSV loggers writing to ``<run_dir>/logs/version_N`` (one N for both)."""
+def default_loggers(run_dir: str | os.PathLike[str], name: str = "logs") -> list[Any]:
+    """TensorBoard (where installed) and CSV loggers writing to ``<run_dir>/<name>/version_N`` (one N for both).
+
+    ``fit`` logs to ``logs/``; ``validate``/``test``/``predict`` to a folder named after themselves, so their
+    metrics do not enter the training curves that ``RunReport`` stitches from ``logs/version_*``.
+    """
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-    logs = Path(run_dir) / "logs"
+    logs = Path(run_dir) / name
     taken = [int(m.group(1)) for p in logs.glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name))]
     version = max(taken, default=-1) + 1
     loggers: list[Any] = []
     if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
-        loggers.append(TensorBoardLogger(run_dir, name="logs", version=version, default_hp_metric=False))
-    loggers.append(CSVLogger(run_dir, name="logs", version=version))
+        loggers.append(TensorBoardLogger(run_dir, name=name, version=version, default_hp_metric=False))
+    loggers.append(CSVLogger(run_dir, name=name, version=version))
     return loggers
 
 
@@ -198,7 +202,8 @@ class ZobiCLI(LightningCLI):
         from lightning_zobi.lightning.callbacks.report import RunProgressBar, RunTQDMProgressBar
 
         if config.get("logger") in (None, True):
-            config["logger"] = default_loggers(config["default_root_dir"])
+            name = "logs" if self.subcommand in (None, "fit") else str(self.subcommand)
+            config["logger"] = default_loggers(config["default_root_dir"], name)
         if config.get("enable_checkpointing") is False:  # the recipe turned checkpointing off: no last.ckpt
             forced = self._get(self.config_init, "checkpoint", default=None)
             callbacks = [cb for cb in callbacks if cb is not forced]

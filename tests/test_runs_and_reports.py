@@ -63,6 +63,15 @@ def test_a_run_folder_holds_config_checkpoint_logs_summary_and_plots(quick_run):
         assert (run / name).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_validate_logs_beside_the_training_curves(quick_run, monkeypatch):
+    monkeypatch.chdir(quick_run)
+    run = quick_run / "runs" / "quickstart"
+    before = read_metrics(run)
+    run_cli(["validate", "--config", QUICKSTART, "--trainer.limit_val_batches=1", *QUIET])
+    assert (run / "validate" / "version_0" / "metrics.csv").exists()
+    assert read_metrics(run) == before
+
+
 def test_saved_config_reruns_as_is(quick_run):
     config = quick_run / "runs" / "quickstart" / "config.yaml"
     text = config.read_text()

@@ -81,13 +81,16 @@ def _version_key(path: Path) -> tuple[int, str]:
 
 
 def read_metrics(run_dir: str | Path) -> Series:
-    """Every ``metrics.csv`` under ``run_dir``, stitched in version order.
+    """The training metrics of ``run_dir`` (``logs/version_*/metrics.csv``), stitched in version order.
 
     A later version (a resumed run, or a fresh run in the same folder) replaces the earlier
     versions' points from its own first step on, so a resume continues the curve and a re-run from
     step 0 replaces it.
     """
-    files = sorted(Path(run_dir).rglob("metrics.csv"), key=_version_key)
+    run_dir = Path(run_dir)
+    files = sorted(run_dir.glob("logs/version_*/metrics.csv"), key=_version_key)
+    if not files:  # a folder not written by `zobi` (Lightning's lightning_logs/version_N, a bare metrics.csv)
+        files = sorted(run_dir.rglob("metrics.csv"), key=_version_key)
     merged: Series = {}
     for path in files:
         new = _read_csv(path)
