@@ -113,6 +113,7 @@ class Config:
     relearn_fraction: float = 0.1
     relearn_lr: float = 1e-3
     data_seed: int = 0
+    attacks: bool = True
     method_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
@@ -212,10 +213,11 @@ def _run_to_file(fn: Any, args: tuple, path: str) -> None:
         pickle.dump(result, f)
 
 
-def run_tasks(tasks: list[tuple[Any, tuple]], jobs: int) -> list[Any]:
+def run_tasks(tasks: list[tuple[Any, tuple]], jobs: int, done: Any = None) -> list[Any]:
     """Run ``fn(*args)`` of each task in its own forked process (own peak RSS), ``jobs`` at a time.
 
     Returns the results in order; a task that raised gives an ``Exception`` in its place.
+    ``done(index, result)`` is called as each task finishes (progress output).
     """
     ctx = mp.get_context("fork")
     results: list[Any] = [None] * len(tasks)
@@ -238,6 +240,8 @@ def run_tasks(tasks: list[tuple[Any, tuple]], jobs: int) -> list[Any]:
                 except FileNotFoundError:
                     status, value = "error", f"process died with exit code {proc.exitcode}"
                 results[i] = value if status == "ok" else RuntimeError(value)
+                if done is not None:
+                    done(i, results[i])
     return results
 
 
@@ -314,7 +318,7 @@ def score_all(
     model: torch.nn.Module, cfg: Config, splits: FactsSplits, tok: Any, reference: torch.Tensor | None, seed: int
 ) -> tuple[dict, torch.Tensor]:
     metrics, ratios = evaluate_model(model, tok, splits, reference, retain_limit=cfg.retain_eval)
-    if reference is not None:
+    if reference is not None and cfg.attacks:
         metrics.update(relearn_attack(model, cfg, splits, tok, seed))
         metrics.update(quant_attack(model, cfg, splits, tok, reference))
     return metrics, ratios
@@ -326,7 +330,7 @@ def score_fixed(cfg: Config, path: Path, reference: torch.Tensor | None, threads
     splits, tok = splits_of(cfg), load_tokenizer("bytes")
     model = load_model(cfg, path)
     metrics, ratios = evaluate_model(model, tok, splits, reference, retain_limit=cfg.retain_eval)
-    if reference is None:
+    if reference is None or not cfg.attacks:
         return metrics, ratios
     attacks = [relearn_attack(model, cfg, splits, tok, s) for s in seeds]
     metrics["relearn/forget_em_rest"] = sum(a["relearn/forget_em_rest"] for a in attacks) / len(attacks)
@@ -349,7 +353,7 @@ def unlearn(
         init_from=str(learned),
         trainable=spec.get("trainable"),
         seed=cfg.data_seed,
-        **OBJECTIVE,
+        **{**OBJECTIVE, **spec.get("objective", {})},
     )
     data = UnlearningDataModule(
         num_people=cfg.num_people,
@@ -479,7 +483,7 @@ def acceptance(summary: dict, retain_only_forget: float, learned_retain: float) 
         if s["mode"] != "ZO":
             continue
         entry = checks(s, retain_only_forget, learned_retain, fo_peak)
-        control = METHODS[name].get("control")
+        control = METHODS.get(name, {}).get("control")
         if control and control in summary:
             cc = checks(summary[control], retain_only_forget, learned_retain, fo_peak)
             entry["control"] = {"method": control, **cc}
@@ -499,11 +503,12 @@ def acceptance(summary: dict, retain_only_forget: float, learned_retain: float) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="cpu", choices=sorted(CONFIGS))
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=sorted(METHODS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), help=f"of {sorted(METHODS)} (or --set ones)")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: the config's")
     parser.add_argument("--steps", type=int, default=None, help="override every method's unlearning steps")
     parser.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=JSON",
                         help='override a method field, e.g. npo_zo_head.zo.lr=2e-5 (repeatable)')
+    parser.add_argument("--no-attacks", action="store_true", help="skip the relearning and nf4 attacks")
     parser.add_argument("--learn-only", action="store_true", help="only learn and cache the two models")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--jobs", type=int, default=2, help="processes run side by side")
@@ -514,6 +519,7 @@ def main() -> None:
         cfg.seeds = tuple(args.seeds)
     if args.steps:
         cfg.unlearn_steps = args.steps
+    cfg.attacks = not args.no_attacks
     for item in args.set:
         key, _, value = item.partition("=")
         *path, last = key.split(".")
@@ -521,6 +527,9 @@ def main() -> None:
         for part in path:
             target = target.setdefault(part, {})
         target[last] = json.loads(value)
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown methods {unknown}: choose from {sorted(METHODS)} or define them with --set")
     set_determinism(args.threads)
     t0 = time.perf_counter()
     splits = splits_of(cfg)
@@ -544,7 +553,7 @@ def main() -> None:
     runs = [(name, seed) for seed in cfg.seeds for name in args.methods]
     tasks = [(score_fixed, (cfg, p, reference, args.threads, cfg.seeds)) for p in (learned, retain_only)]
     tasks += [(unlearn, (n, METHODS[n], cfg, learned, s, reference, args.threads)) for n, s in runs]
-    results = run_tasks(tasks, args.jobs)
+    results = run_tasks(tasks, args.jobs, lambda i, r: print(f"done {i}: {r if i >= 2 else ''}", flush=True))
     for r in results[:2]:
         if isinstance(r, Exception):
             raise r
@@ -584,8 +593,9 @@ def main() -> None:
         print(
             f"{name:>22} {s['mode']:>7}  forget EM {s['forget/em']['mean']:.3f}±{s['forget/em']['ci95']:.3f}  "
             f"retain EM {s['retain/em']['mean']:.3f}±{s['retain/em']['ci95']:.3f}  "
-            f"FQ {s['forget_quality']['mean']:.3g}  peak {s['peak_rss_mib']['mean']:.0f} MiB  "
-            f"relearn {s['relearn/forget_em_rest']['mean']:.3f}  nf4 forget {s['nf4/forget/em']['mean']:.3f}"
+            f"FQ {s['forget_quality']['mean']:.3g}  peak {s['peak_rss_mib']['mean']:.0f} MiB"
+            + (f"  relearn {s['relearn/forget_em_rest']['mean']:.3f}  nf4 forget {s['nf4/forget/em']['mean']:.3f}"
+               if "nf4/forget/em" in s else "")
         )
     print(json.dumps(result["acceptance"], indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
