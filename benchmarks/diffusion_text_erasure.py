@@ -294,12 +294,23 @@ def _tiny_clip(tokenizer):
     torch.manual_seed(0)
     config = CLIPConfig(
         text_config=dict(
-            hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-            vocab_size=64, max_position_embeddings=16, bos_token_id=0, eos_token_id=2, pad_token_id=1,
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=64,
+            max_position_embeddings=16,
+            bos_token_id=0,
+            eos_token_id=2,
+            pad_token_id=1,
         ),
         vision_config=dict(
-            hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-            image_size=32, patch_size=8,
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            image_size=32,
+            patch_size=8,
         ),
         projection_dim=32,
     )
@@ -371,7 +382,9 @@ def evaluate(unet, judge, text, splits, args, seed: int, clip_metric) -> dict[st
         target, pred, other_ok = colours, pred_colour, pred_digit == digits
         value = COLOURS.index(args.concept)
     is_c = target == value
-    real_keep = splits.test.digits != value if kind == "digit" else torch.ones(len(splits.test), dtype=torch.bool)
+    real_keep = (
+        splits.test.digits != value if kind == "digit" else torch.ones(len(splits.test), dtype=torch.bool)
+    )
     fd = JudgeFrechetDistance(judge.features, judge.feature_dim)
     fd.update(to_grey(splits.test.images[real_keep]), real=True)
     fd.update(to_grey(images[~is_c]), real=False)
@@ -511,21 +524,35 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         one = one_phase(teacher, retain, forget, text, args, seed, uncond)
         t_one = time.perf_counter() - t0
-        runs["one_phase"].append({**evaluate(one, judge, text, splits, args, seed, clip_metric), "train_seconds": t_one})
+        runs["one_phase"].append(
+            {**evaluate(one, judge, text, splits, args, seed, clip_metric), "train_seconds": t_one}
+        )
         t0 = time.perf_counter()
         distilled = distill(teacher, retain, text, args, seed)
         t_distill = time.perf_counter() - t0
         t0 = time.perf_counter()
         two = esd_phase(distilled, teacher, forget, text, args, seed, uncond)
         t_two = t_distill + time.perf_counter() - t0
-        runs["two_phase"].append({**evaluate(two, judge, text, splits, args, seed, clip_metric), "train_seconds": t_two})
-        runs["distilled"].append({**evaluate(distilled, judge, text, splits, args, seed, clip_metric), "train_seconds": t_distill})
-        for method, key in (("uce", "distilled_uce"), ("mace", "distilled_mace"), ("uce+mace", "distilled_uce_mace")):
+        runs["two_phase"].append(
+            {**evaluate(two, judge, text, splits, args, seed, clip_metric), "train_seconds": t_two}
+        )
+        runs["distilled"].append(
+            {**evaluate(distilled, judge, text, splits, args, seed, clip_metric), "train_seconds": t_distill}
+        )
+        for method, key in (
+            ("uce", "distilled_uce"),
+            ("mace", "distilled_mace"),
+            ("uce+mace", "distilled_uce_mace"),
+        ):
             t0 = time.perf_counter()
             edited = closed_form_edits(distilled, text, args.concept, method, args.lamb)
             t_edit = t_distill + time.perf_counter() - t0
-            runs[key].append({**evaluate(edited, judge, text, splits, args, seed, clip_metric), "train_seconds": t_edit})
-        print(f"seed {seed}: one phase {runs['one_phase'][-1]}, two phases {runs['two_phase'][-1]}", flush=True)
+            runs[key].append(
+                {**evaluate(edited, judge, text, splits, args, seed, clip_metric), "train_seconds": t_edit}
+            )
+        print(
+            f"seed {seed}: one phase {runs['one_phase'][-1]}, two phases {runs['two_phase'][-1]}", flush=True
+        )
 
     results["runs"] = runs
     results["summary"] = {key: _summary(r) for key, r in runs.items()}

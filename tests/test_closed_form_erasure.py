@@ -20,7 +20,7 @@ def _uce_transcription(w_old, erase, guide, preserve, erase_scale, preserve_scal
     """UCE's loop from trainscripts/uce_sd_erase.py (one column vector at a time, torch.inverse)."""
     mat1 = lamb * w_old
     mat2 = lamb * torch.eye(w_old.shape[1], dtype=w_old.dtype)
-    for c, g in zip(erase, guide):
+    for c, g in zip(erase, guide, strict=False):
         c_i = c[None].T
         v_i_star = (w_old @ g)[None].T
         mat1 = mat1 + erase_scale * (v_i_star @ c_i.T)
@@ -164,7 +164,9 @@ def test_mace_cfr_maps_shared_tokens_and_leaves_weights_of_other_layers():
     from lightning_zobi.unlearn.closed_form import mace_embeddings, prompt_encoder
 
     unet, text, tok = _tiny_sd()
-    other = {n: p.clone() for n, p in unet.named_parameters() if not n.endswith(("to_k.weight", "to_v.weight"))}
+    other = {
+        n: p.clone() for n, p in unet.named_parameters() if not n.endswith(("to_k.weight", "to_v.weight"))
+    }
     encode = prompt_encoder(text, tok)
     tokenize = lambda s: tok(s).input_ids  # noqa: E731
     c, g = mace_embeddings(encode, tokenize, ["a red digit three"], ["a red digit"])
@@ -183,8 +185,13 @@ def test_edit_needs_cross_attention():
     from diffusers import UNet2DModel
 
     unet = UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
     )
     with pytest.raises(ValueError, match="cross-attention"):
         edit_projections_(unet, torch.zeros(1, 4), torch.zeros(1, 4))

@@ -101,7 +101,9 @@ def load_caption_splits(
         if not 0.0 <= p < 1.0:
             raise ValueError(f"{name}={p!r} is invalid: use a probability in [0, 1).")
     if drop_digit + drop_colour + drop_all >= 1.0:
-        raise ValueError("drop_digit + drop_colour + drop_all must stay below 1 (some captions must be full).")
+        raise ValueError(
+            "drop_digit + drop_colour + drop_all must stay below 1 (some captions must be full)."
+        )
     base = load_digits_splits(size=8, channels=1, seed=seed)
     gen = torch.Generator().manual_seed(seed)
     splits = []

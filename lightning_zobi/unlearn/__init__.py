@@ -1,5 +1,12 @@
 """Unlearning losses and metrics (pure PyTorch): LLM forget/retain objectives and their evaluation."""
 
+from lightning_zobi.unlearn.closed_form import (
+    closed_form_update,
+    cross_attention_projections,
+    edit_projections_,
+    mace_refine_,
+    uce_erase_,
+)
 from lightning_zobi.unlearn.llm import METHODS, UnlearningObjective, load_weights
 from lightning_zobi.unlearn.memorization import (
     ExtractionStrength,
@@ -39,8 +46,13 @@ __all__ = [
     "TruthRatio",
     "UnlearningEvaluator",
     "UnlearningObjective",
+    "closed_form_update",
+    "cross_attention_projections",
+    "edit_projections_",
     "evaluate_model",
     "load_weights",
+    "mace_refine_",
     "mia_scores",
     "privleak",
+    "uce_erase_",
 ]

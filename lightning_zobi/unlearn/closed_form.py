@@ -75,7 +75,9 @@ def closed_form_update(
     Returns the new weight in ``weight``'s dtype and device.
     """
     if weight.ndim != 2:
-        raise ValueError(f"weight has shape {tuple(weight.shape)}: pass a 2-D (d_out, d_in) projection weight.")
+        raise ValueError(
+            f"weight has shape {tuple(weight.shape)}: pass a 2-D (d_out, d_in) projection weight."
+        )
     d_out, d_in = weight.shape
     if erase_inputs.ndim != 2 or erase_inputs.shape[1] != d_in:
         raise ValueError(f"erase_inputs has shape {tuple(erase_inputs.shape)}; expected (N, {d_in}).")
@@ -200,9 +202,7 @@ def last_word_index(input_ids: Tensor, attention_mask: Tensor, eos_token_id: int
     return max(last, 0)
 
 
-def uce_embeddings(
-    encode: Encoder, prompts: Sequence[str], eos_token_id: int | None = None
-) -> Tensor:
+def uce_embeddings(encode: Encoder, prompts: Sequence[str], eos_token_id: int | None = None) -> Tensor:
     """Text embedding of each prompt's last word token (``(N, D)``), as UCE's script takes it."""
     if not prompts:
         return torch.empty(0)
@@ -214,7 +214,7 @@ def uce_embeddings(
 def find_matching_indices(old: Sequence[int], new: Sequence[int]) -> tuple[list[int], list[int]]:
     """MACE's token alignment: positions of the common prefix and the common suffix in ``old`` and ``new``."""
     start = 0
-    for a, b in zip(old, new):
+    for a, b in zip(old, new, strict=False):
         if a != b:
             break
         start += 1

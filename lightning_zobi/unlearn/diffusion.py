@@ -19,6 +19,10 @@ predictions, so they are the same for both.
   :func:`saliency_masks` computes the masks, :func:`apply_gradient_masks` enforces them with gradient
   hooks.
 
+Closed-form erasure baselines (no training: one ridge solve per cross-attention K/V projection) live in
+:mod:`lightning_zobi.unlearn.closed_form` and are re-exported here: UCE (arXiv 2308.14761,
+:func:`uce_erase_`) and MACE's closed-form refinement (arXiv 2403.06381, :func:`mace_refine_`).
+
 Memory: the losses allocate nothing beyond their inputs; a saliency mask is one bool per masked
 weight (1 byte each).
 """
@@ -32,6 +36,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
+
+from lightning_zobi.unlearn.closed_form import closed_form_update, mace_refine_, uce_erase_
+
+__all__ = [
+    "ESD_SCOPES",
+    "ablation_loss",
+    "apply_gradient_masks",
+    "closed_form_update",
+    "esd_loss",
+    "esd_parameter_names",
+    "esd_target",
+    "mace_refine_",
+    "saliency_masks",
+    "uce_erase_",
+]
 
 ESD_SCOPES = ("esd_u", "esd_x", "all")
 _CROSS_ATTENTION = re.compile(r"attn2\.")

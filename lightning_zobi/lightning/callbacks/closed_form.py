@@ -52,7 +52,9 @@ class ClosedFormErasure(pl.Callback):
         if method not in ("uce", "mace"):
             raise ValueError(f"method={method!r} is invalid: use 'uce' or 'mace'.")
         if not concepts:
-            raise ValueError("concepts is empty: name at least one prompt to erase, e.g. ['a handwritten digit three'].")
+            raise ValueError(
+                "concepts is empty: name at least one prompt to erase, e.g. ['a handwritten digit three']."
+            )
         if method == "mace" and (isinstance(guides, str) or len(guides) != len(concepts)):
             raise ValueError(
                 f"method='mace' needs one mapping prompt per concept prompt in guides ({len(concepts)} concepts, "
@@ -83,16 +85,35 @@ class ClosedFormErasure(pl.Callback):
         unet, text, tok = (getattr(pl_module, a) for a in self.attrs)
         if self.method == "uce":
             report = uce_erase_(
-                unet, text, tok, self.concepts, self.guides, self.preserve,
-                erase_scale=self.erase_scale, preserve_scale=self.preserve_scale, lamb=self.lamb,
+                unet,
+                text,
+                tok,
+                self.concepts,
+                self.guides,
+                self.preserve,
+                erase_scale=self.erase_scale,
+                preserve_scale=self.preserve_scale,
+                lamb=self.lamb,
             )
         else:
             report = mace_refine_(
-                unet, text, tok, self.concepts, list(self.guides), self.preserve,
-                preserve_scale=self.preserve_scale, lamb=self.lamb, all_words=self.all_words,
+                unet,
+                text,
+                tok,
+                self.concepts,
+                list(self.guides),
+                self.preserve,
+                preserve_scale=self.preserve_scale,
+                lamb=self.lamb,
+                all_words=self.all_words,
             )
-        self.report = {"method": report.method, "layers": len(report.layers), "erase_rows": report.erase_rows,
-                       "preserve_rows": report.preserve_rows, "lamb": self.lamb}
+        self.report = {
+            "method": report.method,
+            "layers": len(report.layers),
+            "erase_rows": report.erase_rows,
+            "preserve_rows": report.preserve_rows,
+            "lamb": self.lamb,
+        }
         self.done = True
 
     def state_dict(self) -> dict[str, Any]:
