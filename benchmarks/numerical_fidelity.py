@@ -44,8 +44,12 @@ from zo_step import MeZOStyle  # noqa: E402
 SHAPES: dict[str, dict[str, Any]] = {
     "small": dict(
         config=dict(
-            hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=256,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=256,
         ),
         batch=(1, 16),
     ),  # fmt: skip
@@ -132,9 +136,7 @@ def curve(name: str, device: torch.device, steps: int, every: int, lr: float) ->
     lin = torch.nn.Module()
     lin.weight = w  # a module owns w, so exact perturbation materialises it in lin's forward
     lin.forward = lambda inp: inp @ lin.weight.float().T  # type: ignore[method-assign]
-    opt = build_optimizer(
-        "zo_sgd", [w], lr=lr, eps=EPS, seed=0, perturbation=mode, stochastic_rounding=sr
-    )
+    opt = build_optimizer("zo_sgd", [w], lr=lr, eps=EPS, seed=0, perturbation=mode, stochastic_rounding=sr)
     xw = x.to(device)
 
     def f64_loss() -> float:
@@ -156,7 +158,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--methods", default="ours,mezo", help="from ours, ours_inplace, mezo")
     parser.add_argument("--curve-steps", type=int, default=1000)
     parser.add_argument("--every", type=int, default=50)
-    parser.add_argument("--lr", default="3e-3,3e-4", help="the curves' ZO-SGD learning rates (comma-separated)")
+    parser.add_argument(
+        "--lr", default="3e-3,3e-4", help="the curves' ZO-SGD learning rates (comma-separated)"
+    )
     parser.add_argument("--no-curves", action="store_true")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--out", type=Path, default=None)
@@ -175,11 +179,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "drift": [],
         "curves": [],
     }
+    out = args.out or Path(__file__).parent / "results" / f"numerical_fidelity_{device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     for dtype_name in [d.strip() for d in args.dtypes.split(",") if d.strip()]:
         for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
             r = drift(args.shape, device, getattr(torch, dtype_name), method, args.steps)
             print(f"  drift {r}", flush=True)
             results["drift"].append(r)
+            out.write_text(json.dumps(results, indent=1))  # after every row: a run cut short keeps its rows
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     if not args.no_curves:
@@ -188,8 +195,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 r = curve(name, device, args.curve_steps, args.every, lr)
                 print(f"  curve lr={lr:g} {name}: {r['losses'][0]:.3e} -> {r['losses'][-1]:.3e}", flush=True)
                 results["curves"].append(r)
-    out = args.out or Path(__file__).parent / "results" / f"numerical_fidelity_{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(results, indent=1))
     out.write_text(json.dumps(results, indent=1))
     print(table(results))
     print(f"\nwrote {out}")

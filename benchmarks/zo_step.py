@@ -10,7 +10,8 @@ synchronised around every step, median reported), with the peak allocated memory
 * ``kernel1`` / ``kernel2``: one fused-kernel pass adding one / two Philox directions (``_r7``:
   7 Philox rounds; ``_exact``: libdevice's exact log/sqrt/sin/cos instead of the approximations;
   ``_w8`` / ``_w2``: 8 / 2 warps per program instead of 4; ``_narrow``: Philox products by
-  ``umulhi`` + a low multiply instead of one 32×32→64 multiply);
+  ``umulhi`` + a low multiply instead of one 32×32→64 multiply; ``_sr``: with in-kernel stochastic
+  rounding of the result, as the update pass does for bf16/fp16);
 * ``zo_torch``: :class:`~lightning_zobi.zo.optim.ZOSGD` on the torch path, exact perturbation (the
   default: ``θ ± εz`` materialised per module, ``torch.randn``); ``zo_torch_inplace``: in place (3 passes);
 * ``zo_fused_exact``: :class:`~lightning_zobi.zo.fused.FusedZOSGD` at its default, exact
@@ -86,6 +87,8 @@ KERNELS = {  # name: (directions per pass, Philox rounds, fast math, warps per p
     "kernel1_w2": (1, 10, True, 2, True),
     "kernel2_w2": (2, 10, True, 2, True),
     "kernel2_narrow": (2, 10, True, 4, False),
+    "kernel1_sr": (1, 10, True, 4, True),
+    "kernel2_sr": (2, 10, True, 4, True),
 }
 FUSED_STEPS = {  # name: (lookahead, Philox rounds, perturbation)
     "zo_fused_exact": (None, 10, "exact"),
@@ -224,8 +227,11 @@ class _Bench:
             terms = [(DirectionKey(0, k, 0), 0.0) for k in range(n_dirs)]
             defaults = fused.NUM_WARPS, fused.WIDE_MUL
             fused.NUM_WARPS, fused.WIDE_MUL = warps, wide
+            import numpy as np
+
+            sr = np.arange(len(params), dtype=np.uint64) if name.endswith("_sr") else None
             try:
-                return _time(lambda: dirs.apply_(params, terms), dev, warmup, steps)
+                return _time(lambda: dirs.apply_(params, terms, sr_seeds=sr), dev, warmup, steps)
             finally:
                 fused.NUM_WARPS, fused.WIDE_MUL = defaults
         if name == "mezo":
@@ -246,12 +252,18 @@ class _Bench:
                 opt.zero_grad(set_to_none=True)
                 self.model.eval()
         if name in ("zo_torch", "zo_torch_inplace"):
-            zo = ZOSGD(params, lr=LR, eps=EPS, perturbation="inplace" if name.endswith("inplace") else "exact")
+            zo = ZOSGD(
+                params, lr=LR, eps=EPS, perturbation="inplace" if name.endswith("inplace") else "exact"
+            )
         elif name in ("lozo", "lozo_fused", "lozo_fused_exact"):
             mode = "inplace" if name == "lozo_fused" else "exact"
-            zo = build_optimizer("lozo", params, fused=name != "lozo", lr=LR, eps=EPS, rank=2, perturbation=mode)
+            zo = build_optimizer(
+                "lozo", params, fused=name != "lozo", lr=LR, eps=EPS, rank=2, perturbation=mode
+            )
             if name != "lozo":
-                zo.guard(self.model)  # as ZeroOrder does: in place, the next U Vᵀ is folded into the update pass
+                zo.guard(
+                    self.model
+                )  # as ZeroOrder does: in place, the next U Vᵀ is folded into the update pass
         elif name in FUSED_STEPS:
             lookahead, rounds, mode = FUSED_STEPS[name]
             zo = FusedZOSGD(params, lr=LR, eps=EPS, lookahead=lookahead, rounds=rounds, perturbation=mode)

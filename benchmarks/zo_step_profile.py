@@ -92,7 +92,9 @@ def profile_variant(bench: _Bench, name: str, steps: int, out_dir: Path, min_gap
         zo = None
     elif name in FUSED_STEPS:
         lookahead, rounds, mode = FUSED_STEPS[name]
-        zo = FusedZOSGD(bench.params(), lr=1e-7, eps=1e-3, lookahead=lookahead, rounds=rounds, perturbation=mode)
+        zo = FusedZOSGD(
+            bench.params(), lr=1e-7, eps=1e-3, lookahead=lookahead, rounds=rounds, perturbation=mode
+        )
         if lookahead is None:
             zo.guard(bench.model)
 

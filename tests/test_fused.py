@@ -99,7 +99,13 @@ def test_lr_zero_step_restores_within_the_torch_bound(device, dtype, difference)
     before = [p.detach().clone() for p in model.parameters()]
     eps = 1e-3
     opt = FusedZOSGD(
-        model.parameters(), lr=0.0, eps=eps, difference=difference, seed=5, lookahead=False, perturbation="inplace"
+        model.parameters(),
+        lr=0.0,
+        eps=eps,
+        difference=difference,
+        seed=5,
+        lookahead=False,
+        perturbation="inplace",
     )
     opt.step(mse_closure(model))
     u, key = UNIT[dtype], opt.keys_for_step(0)[0]

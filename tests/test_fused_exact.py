@@ -17,7 +17,7 @@ from lightning_zobi.quant.qzo_fused import FusedQZOOptimizer  # noqa: E402
 from lightning_zobi.zo import ZOSGD, DirectionKey  # noqa: E402
 from lightning_zobi.zo.estimators import Estimate  # noqa: E402
 from lightning_zobi.zo.fused import FusedGaussianDirections, FusedJustInTime, FusedZOSGD  # noqa: E402
-from lightning_zobi.zo.fused_lowrank import FusedLOZO, FusedLowRankDirections  # noqa: E402
+from lightning_zobi.zo.fused_lowrank import FusedLowRankDirections, FusedLOZO  # noqa: E402
 from lightning_zobi.zo.optim import LOZO  # noqa: E402
 
 CUDA = pytest.param(
@@ -26,7 +26,12 @@ CUDA = pytest.param(
 )
 DEVICES = ["cpu", CUDA]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float64: torch.int64}
+BITS = {
+    torch.float32: torch.int32,
+    torch.bfloat16: torch.int16,
+    torch.float16: torch.int16,
+    torch.float64: torch.int64,
+}
 
 
 def _model(dtype: torch.dtype, device: str = "cpu") -> nn.Module:
@@ -81,7 +86,9 @@ def test_lr_zero_on_plain_tensors_read_in_the_closure(dtype):
     opt = FusedQZOOptimizer(scales, lr=0.0, eps=1e-3, seed=2)
     for _ in range(2):
         opt.step(lambda: sum((s.float() ** 2).sum() for s in scales))
-    assert all(torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(before, scales, strict=True))
+    assert all(
+        torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(before, scales, strict=True)
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -100,7 +107,10 @@ def test_materialisation_is_theta_plus_scaled_directions_rounded_once(dtype, dev
         assert family.materialize_chunk(params, range(len(params)), terms, out, offsets)
         compute = torch.float64
         for i, (p, o) in enumerate(zip(params, offsets, strict=True)):
-            z = [family.sample(p.detach().to(torch.float64 if dtype == torch.float64 else torch.float32), i, k) for k in keys]
+            z = [
+                family.sample(p.detach().to(torch.float64 if dtype == torch.float64 else torch.float32), i, k)
+                for k in keys
+            ]
             ref = p.detach().to(compute) + 0.25 * z[0].to(compute) - 0.5 * (i + 1) * z[1].to(compute)
             got = out[o : o + p.numel()].view(p.shape)
             tol = {torch.float64: 1e-12, torch.float32: 2e-6}.get(dtype, 0.0)
@@ -123,7 +133,10 @@ def test_chunked_materialisation_equals_tensor_by_tensor():
         calls = []
         dirs = opt.fused_directions
         original = dirs.materialize_chunk
-        dirs.materialize_chunk = lambda *a, **k: (calls.append(len(a[1])), original(*a, **k))[1]
+        dirs.materialize_chunk = lambda *a, calls=calls, original=original, **k: (
+            calls.append(len(a[1])),
+            original(*a, **k),
+        )[1]
         for _ in range(3):
             opt.step(_closure(model))
         runs[chunk] = (_bits(model), calls, opt.perturber()._order)
@@ -158,13 +171,18 @@ def test_fused_exact_update_equals_the_torch_exact_update_for_the_same_estimate(
     """float32, two queries, decay, two groups: the fused update pass = the rule's torch update (no restore)."""
     a, b = tiny_mlp(device=device), tiny_mlp(device=device)
     fused, reference = _pair(*PAIRS[rule], a, b)
-    est = dict(keys=fused.keys_for_step(0)[:1] + [DirectionKey(3, 0, 1)], projected_grads=[0.7, -1.3], loss=0.0)
+    est = dict(
+        keys=fused.keys_for_step(0)[:1] + [DirectionKey(3, 0, 1)], projected_grads=[0.7, -1.3], loss=0.0
+    )
     with torch.no_grad():
         fused._update(Estimate(**est))
         reference._update(Estimate(**est))
     for p, q in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=2e-6, atol=2e-7)
-    assert any(not torch.equal(p, q) for p, q in zip(a.parameters(), tiny_mlp(device=device).parameters(), strict=True))
+    assert any(
+        not torch.equal(p, q)
+        for p, q in zip(a.parameters(), tiny_mlp(device=device).parameters(), strict=True)
+    )
 
 
 @pytest.mark.parametrize("rule", sorted(PAIRS))

@@ -215,7 +215,9 @@ def test_fused_lozo_trajectory_equals_torch_lozo_on_the_same_directions(queries)
 def test_lookahead_fold_equals_the_unfolded_trajectory(queries):
     """Five float64 steps with nu=2: folding the next U Vᵀ (same V or the next period's) changes nothing."""
     models = [tiny_mlp(dtype=torch.float64) for _ in range(3)]
-    kw = dict(lr=0.02, eps=1e-3, weight_decay=0.1, rank=2, nu=2, seed=3, queries=queries, perturbation="inplace")
+    kw = dict(
+        lr=0.02, eps=1e-3, weight_decay=0.1, rank=2, nu=2, seed=3, queries=queries, perturbation="inplace"
+    )
     folded = FusedLOZO(models[0].parameters(), lookahead=True, **kw)
     unfolded = FusedLOZO(models[1].parameters(), lookahead=False, **kw)
     reference = LOZO(models[2].parameters(), **kw)
@@ -343,7 +345,13 @@ def test_tile_kernel_compiles_for_sm90_without_a_gpu():
         RNE_BF16=False, FAST=True, PIN=True, WIDE=flr.WIDE_MUL, OUT=False, SR=0, ROUNDS=10, TILE_M=flr.TILE_M,
         TILE_N=flr.TILE_N,
     )  # fmt: skip
-    sig = {"x0_ptr": "*bf16", "out0_ptr": "*bf16", "tile_tensor_ptr": "*i32", "meta_ptr": "*i64", "scal_ptr": "*i64"}
+    sig = {
+        "x0_ptr": "*bf16",
+        "out0_ptr": "*bf16",
+        "tile_tensor_ptr": "*i32",
+        "meta_ptr": "*i64",
+        "scal_ptr": "*i64",
+    }
     sig.update(dict.fromkeys(const, "constexpr"))
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(5)}
     src = compiler.ASTSource(triton.jit(flr._zo_lowrank_src), sig, const, attrs)

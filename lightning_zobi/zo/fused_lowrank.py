@@ -362,7 +362,14 @@ class _TileGroup:
         self.tile_tensor = tile_tensor.to(self.device)
 
     def launch(
-        self, scal: np.ndarray, nstream: int, rank: int, rounds: int, fast: bool, sr: int = 0, out: Tensor | None = None
+        self,
+        scal: np.ndarray,
+        nstream: int,
+        rank: int,
+        rounds: int,
+        fast: bool,
+        sr: int = 0,
+        out: Tensor | None = None,
     ) -> Any:
         """One launch over every tile of the group with the per-tensor table ``scal`` (n×13 int64).
 
@@ -565,7 +572,8 @@ class FusedLowRankDirections(FusedPerturb, LowRankDirections):
                 lambda: _TileGroup(weights, offs[sel].tolist()),
             )
             prepared = [
-                (key, np.asarray([_scale_of(scale, int(i)) for i in idx], dtype=np.float64)) for key, scale in terms
+                (key, np.asarray([_scale_of(scale, int(i)) for i in idx], dtype=np.float64))
+                for key, scale in terms
             ] or [(DirectionKey(0, 0, 0), np.zeros(len(idx)))]
             scal = self._table(prepared, idx[sel], sel, np.ones(len(sel)))
             with torch.no_grad():
@@ -700,7 +708,9 @@ class FusedLOZO(FusedStep, LOZO):
 
     def _grad_scale(self) -> np.ndarray:
         """:meth:`LOZO.matrix_scale` per parameter: 1 (the LOZO code), ``1/r`` on ``U Vᵀ`` with ``unbiased=True``."""
-        return np.asarray([self.matrix_scale(p) if p.dim() == 2 else 1.0 for p in self._params()], dtype=np.float64)
+        return np.asarray(
+            [self.matrix_scale(p) if p.dim() == 2 else 1.0 for p in self._params()], dtype=np.float64
+        )
 
 
 __all__ = ["FusedLOZO", "FusedLowRankDirections", "u_seeds", "v_seeds"]
