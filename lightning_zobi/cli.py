@@ -191,6 +191,10 @@ class ZobiCLI(LightningCLI):
         max_steps, every = trainer.get("max_steps") or -1, trainer.get("log_every_n_steps")
         if max_steps > 0 and every is not None and every > max_steps:  # a short run would log nothing
             trainer["log_every_n_steps"] = max(1, max_steps // 5)
+        interval = trainer.get("val_check_interval")
+        step_based = trainer.get("check_val_every_n_epoch") is None
+        if step_based and max_steps > 0 and type(interval) is int and interval > max_steps:
+            trainer["val_check_interval"] = max_steps  # ... and never validate: validate once, at the end
 
     def instantiate_classes(self) -> None:
         try:
