@@ -367,6 +367,10 @@ def evaluate(unet, judge, text, splits, args, seed: int, clip_metric) -> dict[st
     digits = torch.arange(10).repeat_interleave(len(COLOURS) * args.samples_per_prompt)
     colours = torch.arange(len(COLOURS)).repeat_interleave(args.samples_per_prompt).repeat(10)
     prompts = prompts_for(digits.tolist(), colours.tolist())
+    if getattr(args, "anchor_reference", False):  # the concept word left out of every prompt that had it
+        from lightning_zobi.data.captions import without_concept
+
+        prompts = [without_concept(p, args.concept) for p in prompts]
     gen = torch.Generator().manual_seed(10_000 + seed)
     uncond = text.embed([""])
     images = torch.cat(
@@ -447,6 +451,12 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--reuse", action="store_true", help="reuse the judge/teacher in --workdir")
     p.add_argument("--quick", action="store_true", help="smoke run: every stage, a few steps, one seed")
+    p.add_argument(
+        "--anchor-reference",
+        action="store_true",
+        help="only score the teacher with the concept word removed from the prompts (what mapping the concept "
+        "to its anchor can reach at best), then exit",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.judge_epochs, args.teacher_steps = 1, 1, 20
@@ -514,6 +524,19 @@ def main(argv=None) -> dict:
     uncond = text.embed([""])
     clip_metric = make_clip_metric(args.clip, text.tokenizer)
     runs: dict[str, list[dict]] = {key: [] for _, key in ROWS}
+    if args.anchor_reference:
+        runs_a = [
+            evaluate(teacher, judge, text, splits, args, seed, clip_metric) for seed in range(args.seeds)
+        ]
+        results.update(
+            runs={"teacher_anchor_prompts": runs_a}, summary={"teacher_anchor_prompts": _summary(runs_a)}
+        )
+        print(json.dumps(results["summary"], indent=2))
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        results["args"] = {k: v for k, v in vars(args).items() if k != "forget_captions"}
+        out.write_text(json.dumps(results, indent=2))
+        return results
     static = {
         "teacher": teacher,
         "teacher_uce": closed_form_edits(teacher, text, args.concept, "uce", args.lamb),
