@@ -14,7 +14,7 @@ import torch
 
 from lightning_zobi.cli import CHAINS, chain_stages, main, run_cli, run_dir_for, short_error
 from lightning_zobi.lightning.callbacks import zero_order
-from lightning_zobi.lightning.callbacks.report import read_metrics
+from lightning_zobi.lightning.callbacks.report import labelled_grid, read_metrics
 from lightning_zobi.zo.optim import OPTIMIZERS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,6 +148,13 @@ def test_short_unlearning_run_writes_forget_retain_summary_and_png(tmp_path, mon
     (other / "metrics.csv").write_text("epoch,step,val/forget/em\n0,2,0.5\n")
     main(["report", str(run), str(other), "--out", str(tmp_path / "compare.png")])
     assert (run / "unlearning.png").exists() and (tmp_path / "compare.png").exists()
+
+
+def test_sample_grid_rows_are_labelled(tmp_path):
+    images = torch.rand(12, 1, 8, 8) * 2 - 1
+    labels = torch.arange(3).repeat_interleave(4)
+    path = labelled_grid(images, labels, tmp_path / "samples.png", "samples", {1: "1 (forget)"})
+    assert path is not None and path.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_typo_in_rule_name_is_one_short_message(capsys):

@@ -289,9 +289,9 @@ def labelled_grid(
     classes = labels.unique(sorted=True).tolist()
     rows = [images[labels == c] for c in classes]
     cols = max(len(r) for r in rows)
-    fig, axes = plt.subplots(
-        len(rows), cols, figsize=(0.5 * cols + 1.2, 0.5 * len(rows) + 0.6), squeeze=False
-    )
+    cell, left, top = 0.5, 1.0, 0.45  # inches: one image, the row labels, the title
+    width, height = cell * cols + left + 0.1, cell * len(rows) + top + 0.1
+    fig, axes = plt.subplots(len(rows), cols, figsize=(width, height), squeeze=False)
     grey = images.shape[-1] == 1
     for i, (cls, row) in enumerate(zip(classes, rows, strict=False)):
         for j in range(cols):
@@ -306,7 +306,14 @@ def labelled_grid(
         name = names.get(int(cls), str(cls)) if names else str(cls)
         axes[i][0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
     fig.suptitle(title, fontsize=9)
-    fig.subplots_adjust(left=0.12, right=0.99, bottom=0.01, top=0.92, wspace=0.05, hspace=0.05)
+    fig.subplots_adjust(
+        left=left / width,
+        right=1 - 0.1 / width,
+        bottom=0.1 / height,
+        top=1 - top / height,
+        wspace=0.08,
+        hspace=0.08,
+    )
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -429,6 +436,7 @@ class RunReport(Callback):
         self._forwards = 0
         self._model_name = ""
         self._hook: Any = None
+        self._samples: Path | None = None
 
     def run_dir(self, trainer: pl.Trainer) -> Path:
         return Path(self.dirpath if self.dirpath is not None else trainer.default_root_dir)
@@ -469,16 +477,18 @@ class RunReport(Callback):
         if not self.sample_grid or samples is None or trainer.sanity_checking or not trainer.is_global_zero:
             return
         images, labels = samples
-        forget = getattr(getattr(pl_module, "hparams", {}), "get", lambda *_: None)("forget_class")
+        hparams = getattr(pl_module, "hparams", {})
+        get = hparams.get if hasattr(hparams, "get") else (lambda key, default=None: default)
+        erasing = get("objective", "unlearn") not in ("denoise", "distill")  # a teacher erases nothing
+        forget = get("forget_class") if erasing else None
         names = {
             int(c): f"{int(c)}" + (" (forget)" if forget is not None and int(c) == int(forget) else "")
             for c in labels.unique()
         }
         out = self.run_dir(trainer)
         out.mkdir(parents=True, exist_ok=True)
-        labelled_grid(
-            images, labels, out / "samples.png", f"samples at step {trainer.global_step} (rows: class)", names
-        )
+        title = f"samples at step {trainer.global_step} (rows: class)"
+        self._samples = labelled_grid(images, labels, out / "samples.png", title, names)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._hook is not None:
@@ -499,8 +509,8 @@ class RunReport(Callback):
                 )
             else:
                 paths = plot_series(series, run_dir, title=run_dir.name)
-                if (run_dir / "samples.png").exists():
-                    paths.append(run_dir / "samples.png")
+                if self._samples is not None:  # written by this run
+                    paths.append(self._samples)
                 self.summary["plots"] = [p.name for p in paths]
         (run_dir / SUMMARY_FILE).write_text(json.dumps(self.summary, indent=2) + "\n")
 
@@ -565,9 +575,6 @@ class RunReport(Callback):
         }
         return summary
 
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
 
 # ---------------------------------------------------------------------- progress bar
 class _StepMetrics:
@@ -579,9 +586,8 @@ class _StepMetrics:
         trainer = self.trainer  # type: ignore[attr-defined]
         total = trainer.num_training_batches
         if trainer.max_epochs == -1 and trainer.max_steps is not None and trainer.max_steps > 0:
-            done = (
-                trainer.global_step % total if isinstance(total, int) and total > 0 else 0
-            )  # one step per batch
+            # batches this epoch already ran (a resumed epoch's bar starts there): one optimizer step per batch
+            done = trainer.global_step % total if isinstance(total, int) and total > 0 else 0
             return min(total, done + trainer.max_steps - trainer.global_step)
         return total
 
