@@ -31,7 +31,7 @@ paths), training amplifies that, and only the spread over seeds, reported here, 
 
 Usage::
 
-    python benchmarks/llm_unlearn.py                  # the CPU chain (~25 min on 2 cores, --jobs 2)
+    python benchmarks/llm_unlearn.py                  # the CPU chain (learning ~6 min + ~25 min on 2 idle cores)
     python benchmarks/llm_unlearn.py --config quick   # smoke test (~2 min)
     python benchmarks/llm_unlearn.py --methods npo_fo npo_zo_head --seeds 0
 
@@ -67,10 +67,10 @@ sys.path.insert(0, str(ROOT))
 
 from lightning_zobi import ZeroOrder  # noqa: E402
 from lightning_zobi.data.facts import FactsSplits, make_splits  # noqa: E402
-from lightning_zobi.lightning.datamodules.unlearning import UnlearningDataModule  # noqa: E402
-from lightning_zobi.lightning.modules.unlearning import UnlearningModule  # noqa: E402
 from lightning_zobi.lightning.datamodules.facts import QADataset, load_tokenizer  # noqa: E402
+from lightning_zobi.lightning.datamodules.unlearning import UnlearningDataModule  # noqa: E402
 from lightning_zobi.lightning.modules.causal_lm import build_causal_lm  # noqa: E402
+from lightning_zobi.lightning.modules.unlearning import UnlearningModule  # noqa: E402
 from lightning_zobi.unlearn.llm import forward_only_fraction  # noqa: E402
 from lightning_zobi.unlearn.metrics import evaluate_model  # noqa: E402
 
@@ -124,7 +124,8 @@ CONFIGS: dict[str, Config] = {
         num_people=200,
         forget_fraction=0.25,
         holdout_fraction=0.1,
-        learn_steps=700,
+        learn_steps=700,  # under-trains (final loss 0.17, retain EM 0.49): raise it, see RESULTS.md
+        unlearn_steps=120,
     ),
     # smoke test: 0.2 M parameters, 40 people, short runs, 2 seeds
     "quick": Config(
@@ -146,28 +147,38 @@ CONFIGS: dict[str, Config] = {
 #            stops at the head) + ZO-SGD on the body; ``zo_adam`` = forward passes only.
 #   mode control: the ZO row with its forward-only part switched off (only the FO head trains).
 METHODS: dict[str, dict[str, Any]] = {
-    "npo_fo": dict(mode="FO", lr=1e-4),
+    "npo_fo": dict(mode="FO", lr=4e-5),
     "npo_zo_head": dict(
         mode="ZO",
-        lr=1e-3,
+        lr=1e-4,
         zo=dict(
             optimizer="zo_fo_hybrid",
             lr=1e-5,
             eps=1e-3,
-            optimizer_kwargs=dict(fo_params=r"(^|\.)lm_head\.", fo_lr=1e-3),
+            optimizer_kwargs=dict(fo_params=r"(^|\.)lm_head\.", fo_lr=1e-4),
         ),
         control="npo_zo_head_control",
     ),
-    "npo_zo_head_control": dict(mode="control", lr=1e-3, trainable=r"(^|\.)lm_head\."),
-    "npo_zo": dict(mode="ZO", lr=1e-4, zo=dict(optimizer="zo_adam", lr=1e-4, eps=1e-3)),
+    "npo_zo_head_control": dict(mode="control", lr=1e-4, trainable=r"(^|\.)lm_head\."),
+    "npo_zo": dict(mode="ZO", lr=1e-5, zo=dict(optimizer="zo_adam", lr=1e-5, eps=1e-3)),
 }
-OBJECTIVE = dict(objective="npo", alpha=1.0, beta=0.1)
+"""Rates: the seed-0 sweep of RESULTS.md ("issue 23") on the ``cpu`` configuration (120 steps, α 5)."""
+OBJECTIVE = dict(objective="npo", alpha=5.0, beta=0.1)
 
 
 def cache_dir(name: str, cfg: Config) -> Path:
     key = json.dumps(
-        [cfg.model, cfg.num_people, cfg.forget_fraction, cfg.holdout_fraction, cfg.learn_steps, cfg.learn_lr,
-         cfg.learn_batch, cfg.max_length, cfg.data_seed],
+        [
+            cfg.model,
+            cfg.num_people,
+            cfg.forget_fraction,
+            cfg.holdout_fraction,
+            cfg.learn_steps,
+            cfg.learn_lr,
+            cfg.learn_batch,
+            cfg.max_length,
+            cfg.data_seed,
+        ],
         sort_keys=True,
     )
     return ROOT / "runs" / "llm_unlearn_cache" / f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
@@ -315,7 +326,12 @@ def quant_attack(
 
 
 def score_all(
-    model: torch.nn.Module, cfg: Config, splits: FactsSplits, tok: Any, reference: torch.Tensor | None, seed: int
+    model: torch.nn.Module,
+    cfg: Config,
+    splits: FactsSplits,
+    tok: Any,
+    reference: torch.Tensor | None,
+    seed: int,
 ) -> tuple[dict, torch.Tensor]:
     metrics, ratios = evaluate_model(model, tok, splits, reference, retain_limit=cfg.retain_eval)
     if reference is not None and cfg.attacks:
@@ -341,7 +357,13 @@ def score_fixed(cfg: Config, path: Path, reference: torch.Tensor | None, threads
 
 # ---------------------------------------------------------------------------- stage 2: unlearn
 def unlearn(
-    name: str, spec: dict[str, Any], cfg: Config, learned: Path, seed: int, reference: torch.Tensor, threads: int
+    name: str,
+    spec: dict[str, Any],
+    cfg: Config,
+    learned: Path,
+    seed: int,
+    reference: torch.Tensor,
+    threads: int,
 ) -> dict[str, Any]:
     """One unlearning run (peak RSS of the fit measured in this process), then its scores and attacks."""
     set_determinism(threads)
@@ -462,7 +484,9 @@ def checks(s: dict, retain_only_forget: float, learned_retain: float, fo_peak: f
         c["fo_peak_rss_mib_mean"] = fo_peak
         c["peak_at_most_half_of_fo"] = s["peak_rss_mib"]["mean"] <= 0.5 * fo_peak
         c["forward_only_at_least_90pct"] = s["forward_only_fraction"] >= 0.9
-        c["passes"] = c["quality_passes"] and c["peak_at_most_half_of_fo"] and c["forward_only_at_least_90pct"]
+        c["passes"] = (
+            c["quality_passes"] and c["peak_at_most_half_of_fo"] and c["forward_only_at_least_90pct"]
+        )
     return c
 
 
@@ -503,11 +527,18 @@ def acceptance(summary: dict, retain_only_forget: float, learned_retain: float) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="cpu", choices=sorted(CONFIGS))
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), help=f"of {sorted(METHODS)} (or --set ones)")
+    parser.add_argument(
+        "--methods", nargs="+", default=list(METHODS), help=f"of {sorted(METHODS)} (or --set ones)"
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: the config's")
     parser.add_argument("--steps", type=int, default=None, help="override every method's unlearning steps")
-    parser.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=JSON",
-                        help='override a method field, e.g. npo_zo_head.zo.lr=2e-5 (repeatable)')
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="METHOD.KEY=JSON",
+        help="override a method field, e.g. npo_zo_head.zo.lr=2e-5 (repeatable)",
+    )
     parser.add_argument("--no-attacks", action="store_true", help="skip the relearning and nf4 attacks")
     parser.add_argument("--learn-only", action="store_true", help="only learn and cache the two models")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
@@ -541,8 +572,11 @@ def main() -> None:
         if isinstance(info, Exception):
             raise info
         learn_info[info["split"]] = info
-        print(f"learned {info['split']}: {info['steps']} steps, loss {info['final_loss']:.4f}, "
-              f"{info['wall_s']:.0f}s", flush=True)
+        print(
+            f"learned {info['split']}: {info['steps']} steps, loss {info['final_loss']:.4f}, "
+            f"{info['wall_s']:.0f}s",
+            flush=True,
+        )
 
     if args.learn_only:
         return
@@ -594,8 +628,11 @@ def main() -> None:
             f"{name:>22} {s['mode']:>7}  forget EM {s['forget/em']['mean']:.3f}±{s['forget/em']['ci95']:.3f}  "
             f"retain EM {s['retain/em']['mean']:.3f}±{s['retain/em']['ci95']:.3f}  "
             f"FQ {s['forget_quality']['mean']:.3g}  peak {s['peak_rss_mib']['mean']:.0f} MiB"
-            + (f"  relearn {s['relearn/forget_em_rest']['mean']:.3f}  nf4 forget {s['nf4/forget/em']['mean']:.3f}"
-               if "nf4/forget/em" in s else "")
+            + (
+                f"  relearn {s['relearn/forget_em_rest']['mean']:.3f}  nf4 forget {s['nf4/forget/em']['mean']:.3f}"
+                if "nf4/forget/em" in s
+                else ""
+            )
         )
     print(json.dumps(result["acceptance"], indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -114,20 +114,26 @@ def _fit(module: UnlearningModule, dm: UnlearningDataModule, callbacks: list, st
 def test_hybrid_trains_head_first_order_and_body_zeroth_order(learned, dm):
     module = _hybrid_module(learned)
     start = {n: p.detach().clone() for n, p in module.model.named_parameters()}
-    zo = ZeroOrder(optimizer="zo_fo_hybrid", lr=1e-3, seed=0, optimizer_kwargs={"fo_params": HEAD, "fo_lr": 1e-2})
+    zo = ZeroOrder(
+        optimizer="zo_fo_hybrid", lr=1e-3, seed=0, optimizer_kwargs={"fo_params": HEAD, "fo_lr": 1e-2}
+    )
     _fit(module, dm, [zo])
     [opt] = zo.zo_optimizers
     assert isinstance(opt, ZOFOHybrid) and all("lm_head" in n for n in opt.fo_names) and opt.fo_names
     moved = {n for n, p in module.model.named_parameters() if not torch.equal(p, start[n])}
     assert "lm_head.weight" in moved
-    assert "model.embed_tokens.weight" in moved and "model.layers.0.mlp.up_proj.weight" in moved  # ZO moved the body
+    assert (
+        "model.embed_tokens.weight" in moved and "model.layers.0.mlp.up_proj.weight" in moved
+    )  # ZO moved the body
     assert all(p.grad is None for p in module.model.parameters())
 
 
 def test_control_is_the_hybrid_with_its_forward_only_part_off(learned, dm):
     """ZO lr 0 leaves the body bit-identical, so the hybrid equals first-order training of the head alone."""
     hybrid = _hybrid_module(learned)
-    zo = ZeroOrder(optimizer="zo_fo_hybrid", lr=0.0, seed=0, optimizer_kwargs={"fo_params": HEAD, "fo_lr": 1e-2})
+    zo = ZeroOrder(
+        optimizer="zo_fo_hybrid", lr=0.0, seed=0, optimizer_kwargs={"fo_params": HEAD, "fo_lr": 1e-2}
+    )
     _fit(hybrid, dm, [zo])
     control = _hybrid_module(learned, trainable=HEAD)
     control.hparams.lr = 1e-2
@@ -135,7 +141,9 @@ def test_control_is_the_hybrid_with_its_forward_only_part_off(learned, dm):
     for (name, a), b in zip(hybrid.model.named_parameters(), control.model.parameters(), strict=True):
         assert torch.equal(a, b), name
     start = _hybrid_module(learned).model
-    assert torch.equal(hybrid.model.model.layers[1].self_attn.q_proj.weight, start.model.layers[1].self_attn.q_proj.weight)
+    assert torch.equal(
+        hybrid.model.model.layers[1].self_attn.q_proj.weight, start.model.layers[1].self_attn.q_proj.weight
+    )
     assert not torch.equal(hybrid.model.lm_head.weight, start.lm_head.weight)
 
 
@@ -148,7 +156,9 @@ def test_recipe_runs_on_a_tiny_model(learned, tmp_path):
     args.update(init_from=learned, retain_model_from=learned, max_new_tokens=4)
     config["data"]["init_args"].update(num_people=10, forget_batch_size=2, retain_batch_size=2, max_length=48)
     trainer = config["trainer"]
-    trainer.update(max_steps=3, val_check_interval=3, default_root_dir=str(tmp_path), enable_progress_bar=False)
+    trainer.update(
+        max_steps=3, val_check_interval=3, default_root_dir=str(tmp_path), enable_progress_bar=False
+    )
     trainer["logger"] = False
     trainer["callbacks"][0]["init_args"]["dirpath"] = str(tmp_path)
     path = tmp_path / "recipe.yaml"

@@ -372,7 +372,9 @@ def untie_lm_head(model: nn.Module) -> bool:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if head is None or embed is None:
-        raise ValueError(f"{type(model).__name__} has no input/output embeddings to untie (not a causal LM?).")
+        raise ValueError(
+            f"{type(model).__name__} has no input/output embeddings to untie (not a causal LM?)."
+        )
     config = getattr(model, "config", None)
     if config is not None:
         config.tie_word_embeddings = False
