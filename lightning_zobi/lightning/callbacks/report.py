@@ -150,7 +150,17 @@ def metric_groups(keys: Iterable[str]) -> dict[str, list[str]]:
     return {k: v for k, v in groups.items() if v}
 
 
-_UNLEARN_TITLES = {"unlearn": "training loss terms", "em": "exact match", "prob": "answer probability"}
+_UNLEARN_TITLES = {
+    "unlearn": "training loss terms",
+    "em": "exact match",
+    "prob": "answer probability",
+    "rougeL": "ROUGE-L recall",
+    "truth_ratio": "truth ratio",
+    "truth_score": "truth score",
+    "mia_auc": "loss MIA AUC (forget vs holdout)",
+    "model_utility": "model utility",
+    "forget_quality": "forget quality (KS p-value)",
+}
 
 
 def _panels(group: str, keys: list[str]) -> list[tuple[str, list[str]]]:
@@ -162,9 +172,7 @@ def _panels(group: str, keys: list[str]) -> list[tuple[str, list[str]]]:
     if group == "unlearning":
         by_metric: dict[str, list[str]] = {}
         for key in keys:  # val/forget/em and val/retain/em share a panel "em"
-            parts = [
-                p for p in re.split(r"[/_]", key) if p and p.lower() not in UNLEARN_WORDS + ("val", "train")
-            ]
+            parts = [p for p in key.split("/") if p and p.lower() not in UNLEARN_WORDS + ("val", "train")]
             by_metric.setdefault("/".join(parts) or key, []).append(key)
         return sorted((_UNLEARN_TITLES.get(k, k), v) for k, v in by_metric.items())
     if group == "zo":
