@@ -31,6 +31,8 @@ def test_caption_set_names_its_concepts_and_judges_colour_exactly():
     train = splits.train
     assert train.images.shape[1:] == (3, 8, 8) and len(train.captions) == len(train)
     assert torch.equal(colour_of(train.images), train.colours)  # the colour judge is exact on real images
+    white, grey = torch.ones(1, 3, 8, 8), torch.zeros(1, 3, 8, 8)
+    assert colour_of(torch.cat([white, grey])).tolist() == [-1, -1]  # no dominant channel: not "red"
     grey = load_digits_splits(size=8, channels=1, seed=0).train.images
     torch.testing.assert_close(to_grey(train.images), grey)  # colourize is inverted by the max over channels
     # every full caption names its digit and colour; the test split's captions are always full

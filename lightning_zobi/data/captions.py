@@ -49,9 +49,21 @@ def colourize(grey: Tensor, colours: Tensor) -> Tensor:
     return stroke * onehot * 2.0 - 1.0
 
 
-def colour_of(images: Tensor) -> Tensor:
-    """The colour index of each ``(N, 3, S, S)`` image: the channel with the most stroke (``argmax`` of channel sums)."""
-    return ((images + 1.0) / 2.0).clamp(min=0).sum(dim=(2, 3)).argmax(dim=1)
+NO_COLOUR = -1
+"""What :func:`colour_of` returns when no channel dominates (a grey, white or empty image)."""
+
+
+def colour_of(images: Tensor, dominance: float = 1.5) -> Tensor:
+    """The colour index of each ``(N, 3, S, S)`` image, or :data:`NO_COLOUR`.
+
+    The colour is the channel with the most stroke (channel sums of ``(x + 1) / 2``) when it holds at
+    least ``dominance`` times the second channel's; otherwise the image has no colour of the set (a
+    collapsed, saturated or grey sample must not count as the first channel, red).
+    """
+    sums = ((images + 1.0) / 2.0).clamp(min=0).sum(dim=(2, 3))
+    top = sums.topk(2, dim=1)
+    dominant = (top.values[:, 0] >= dominance * top.values[:, 1]) & (top.values[:, 0] > 0)
+    return torch.where(dominant, top.indices[:, 0], torch.full_like(top.indices[:, 0], NO_COLOUR))
 
 
 def to_grey(images: Tensor) -> Tensor:
