@@ -70,6 +70,7 @@ def test_every_rule_is_registered_and_built_by_name() -> None:
         "lozo_m",
         "sparse_zo",
         "zo_fo_hybrid",
+        "zo_cge",
     }
     w, b, _ = _quadratic()
     for case, kwargs in QUADRATIC_LR.items():
@@ -481,7 +482,8 @@ def test_recipe_parses_and_runs_a_few_zo_steps(recipe: Path, tmp_path: Path, mon
     expected = yaml.safe_load(recipe.read_text())["trainer"]["callbacks"][0]["init_args"]
     assert isinstance(zo, OPTIMIZERS[expected["optimizer"]])
     assert zo.zo_step == 3 and cli.trainer.global_step == 3
-    assert zo.queries == expected["queries"] and zo.difference == expected["difference"]
+    queries = expected["optimizer_kwargs"]["coordinates"] if expected["optimizer"] == "zo_cge" else expected["queries"]
+    assert zo.queries == queries and zo.difference == expected["difference"]
     assert math.isfinite(zo.last_estimate.loss)
 
 

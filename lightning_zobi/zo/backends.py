@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from lightning_zobi.zo.base import ZOOptimizer
+from lightning_zobi.zo.coordinate import ZOCGE
 from lightning_zobi.zo.rules import (
     LOZO,
     LOZOM,
@@ -35,6 +36,7 @@ OPTIMIZERS: dict[str, type[ZOOptimizer]] = {
     "lozo_m": LOZOM,
     "sparse_zo": SparseZO,
     "zo_fo_hybrid": ZOFOHybrid,
+    "zo_cge": ZOCGE,
 }
 """Rule names accepted by ``ZeroOrder(optimizer=...)`` and recipes."""
 

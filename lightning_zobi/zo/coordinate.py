@@ -32,8 +32,8 @@ regenerated from ``(run seed, step)`` (and the mask from ``(run seed, period)`` 
 DDP ranks agree without communicating and a resumed run continues exactly (the ZO-GraSP layer
 densities are saved in the optimizer state).
 
-Importing this module registers ``"zo_cge"`` in :data:`lightning_zobi.zo.optim.OPTIMIZERS`
-(``import lightning_zobi`` does). It imports the base and the registry; neither imports it (no import circle).
+``zo/backends.py`` registers it as ``"zo_cge"`` in :data:`lightning_zobi.zo.optim.OPTIMIZERS`
+(the registry imports this module; this module imports only the base, so there is no import circle).
 
 Memory: one int64 index per allowed coordinate (the mask, rebuilt per period or per step) and one
 per chosen coordinate; ZO-GraSP at its one step: a copy of θ and two parameter-sized buffers.
@@ -47,7 +47,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_zobi.zo.backends import OPTIMIZERS
 from lightning_zobi.zo.base import ZOOptimizer, _no_graph
 from lightning_zobi.zo.directions import DirectionKey, Directions, derive_seed, seeded_randn
 from lightning_zobi.zo.estimators import Closure, _floats, _loss_of
@@ -385,4 +384,3 @@ class ZOCGE(ZOOptimizer):
                         flat[pos] -= group["lr"] * grad
 
 
-OPTIMIZERS["zo_cge"] = ZOCGE

@@ -50,6 +50,8 @@ class ParameterOffload:
         self, params: Sequence[Tensor], device: str | torch.device, prefetch: int = 8, pin: bool | None = None
     ) -> None:
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.params = list(params)
         self.prefetch = int(prefetch)
         cuda = self.device.type == "cuda"
@@ -83,20 +85,31 @@ class ParameterOffload:
             event.record(self._stream)
         return dev, event
 
-    def fetch(self, index: int) -> Tensor:
-        """Tensor ``index`` on the device (waiting for its prefetch), and start the next copies."""
-        if self.order is None:
+    def fetch(self, index: int, in_index_order: bool = False) -> Tensor:
+        """Tensor ``index`` on the device (waiting for its prefetch), and start the next copies.
+
+        The next copies follow the recorded forward order, or the parameter order for the update
+        pass (``in_index_order``); at most ``prefetch`` copies are in flight.
+        """
+        if self.order is None and not in_index_order:
             self._seen.append(index)
         dev, event = self._inflight.pop(index, None) or self._copy(index)
         if event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)
             dev.record_stream(torch.cuda.current_stream(self.device))
-        if self.order is not None and self.prefetch:
-            position = self._position.get(index)
-            if position is not None:
-                for j in self.order[position + 1 : position + 1 + self.prefetch]:
-                    if j not in self._inflight:
-                        self._inflight[j] = self._copy(j)
+        if self.prefetch:
+            if in_index_order:
+                upcoming: Sequence[int] = range(index + 1, min(index + 1 + self.prefetch, len(self.params)))
+            elif self.order is not None and index in self._position:
+                position = self._position[index]
+                upcoming = self.order[position + 1 : position + 1 + self.prefetch]
+            else:
+                upcoming = ()
+            for j in upcoming:
+                if len(self._inflight) >= self.prefetch:
+                    break
+                if j not in self._inflight:
+                    self._inflight[j] = self._copy(j)
         return dev
 
     def end_forward(self) -> None:
@@ -178,7 +191,7 @@ def offloaded_writable(
     """
     index = offload._ids[id(param)]
     host = param.data
-    dev = offload.fetch(index)
+    dev = offload.fetch(index, in_index_order=True)
     param.data = dev
     try:
         half = rounding and dev.dtype in (torch.bfloat16, torch.float16)
