@@ -139,9 +139,15 @@ def default_loggers(run_dir: str | os.PathLike[str], name: str = "logs") -> list
 
 
 class RunConfigCallback(SaveConfigCallback):
-    """Save ``config.yaml`` in the log folder (Lightning's place) and at the top of the run folder."""
+    """Save ``config.yaml`` in the log folder (Lightning's place) and, for ``fit``, at the top of the run folder.
+
+    ``validate``/``test`` configs stay in their own log folders: theirs have keys (``verbose``) that ``fit``
+    refuses, so the run folder's ``config.yaml`` is always the one that re-runs the training.
+    """
 
     def save_config(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
+        if stage != "fit":
+            return
         root = Path(trainer.default_root_dir)
         root.mkdir(parents=True, exist_ok=True)
         self.parser.save(
