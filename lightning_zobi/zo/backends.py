@@ -9,7 +9,7 @@ Sharded execution is a direction family (``zo/sharded.py``) and exact per-unit p
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from lightning_zobi.zo.base import ZOOptimizer
@@ -48,6 +48,42 @@ FUSED_ONLY_KWARGS = ("lookahead", "rounds", "fast_math")
 """Arguments only the fused classes take; the torch path of a fused rule drops them."""
 
 
+def select_optimizer(
+    cls: type[ZOOptimizer], params: Iterable[Any], fused: bool | None
+) -> tuple[Callable[..., ZOOptimizer], list]:
+    """``(constructor, params as a list)``: the fused class of ``cls`` when ``use_fused`` says so.
+
+    Fused classes exist for ZO-SGD (:class:`~lightning_zobi.zo.fused.FusedZOSGD`) and LOZO
+    (:class:`~lightning_zobi.zo.fused_lowrank.FusedLOZO`), imported only when asked (Triton). On
+    the torch path their constructors ignore the fused-only arguments (``lookahead``, ``rounds``,
+    ``fast_math``), so one recipe runs on CPU and GPU alike.
+    """
+    from lightning_zobi.zo.fused import use_fused  # lazy: Triton is imported only when asked
+
+    params = list(params)
+    if cls in (ZOSGD, LOZO):
+        if use_fused(fused, params):
+            if cls is ZOSGD:
+                from lightning_zobi.zo.fused import FusedZOSGD
+
+                return FusedZOSGD, params
+            from lightning_zobi.zo.fused_lowrank import FusedLOZO
+
+            return FusedLOZO, params
+
+        def torch_path(
+            params: Any, *, lookahead: Any = None, rounds: Any = None, fast_math: Any = None, **kwargs: Any
+        ) -> ZOOptimizer:
+            return cls(params, **kwargs)
+
+        return torch_path, params
+    if fused:
+        raise ValueError(
+            f"fused=True is implemented for 'zo_sgd' and 'lozo' only, not {cls.__name__}; drop fused=True."
+        )
+    return cls, params
+
+
 def build_optimizer(
     name: str, params: Iterable[Any], *, fused: bool | None = None, **kwargs: Any
 ) -> ZOOptimizer:
@@ -63,8 +99,6 @@ def build_optimizer(
             f"optimizer={name!r} is not a known ZO rule; choose one of {sorted(OPTIMIZERS)}."
         ) from None
     if fused is not False:
-        from lightning_zobi.zo.fused import select_optimizer  # lazy: Triton is imported only when asked
-
         cls, params = select_optimizer(cls, params, fused)
     elif name in FUSED_RULES:  # the torch path ignores the fused-only knobs, so one recipe fits both
         kwargs = {k: v for k, v in kwargs.items() if k not in FUSED_ONLY_KWARGS}

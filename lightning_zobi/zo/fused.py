@@ -58,10 +58,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_zobi.zo.base import _ROUNDING_SALT, _reject_directions
 from lightning_zobi.zo.directions import DirectionKey, Directions, _splitmix64, derive_seed
 from lightning_zobi.zo.estimators import Closure, Estimate
-from lightning_zobi.zo.optim import _ROUNDING_SALT, ZOSGD, ZOOptimizer, _reject_directions
 from lightning_zobi.zo.perturbation import JustInTimePerturbation, Perturber
+from lightning_zobi.zo.rules.sgd import ZOSGD
 
 try:  # Triton is optional: the torch path needs none of it.
     import triton
@@ -1200,43 +1201,6 @@ def use_fused(fused: bool | None, params: Iterable[Any]) -> bool:
     return fused
 
 
-def select_optimizer(
-    cls: type[ZOOptimizer], params: Iterable[Any], fused: bool | None
-) -> tuple[Callable, list]:
-    """``(constructor, params as a list)``: the fused class of ``cls`` when :func:`use_fused` says so.
-
-    Fused classes exist for ZO-SGD (:class:`FusedZOSGD`) and LOZO
-    (:class:`~lightning_zobi.zo.fused_lowrank.FusedLOZO`). On the torch path their constructors
-    ignore the fused-only arguments (``lookahead``, ``rounds``, ``fast_math``), so one recipe runs
-    on CPU and GPU alike.
-    """
-    from lightning_zobi.zo.optim import LOZO
-
-    params = list(params)
-    fused_classes: dict[type, Callable[[], type]] = {ZOSGD: lambda: FusedZOSGD, LOZO: _fused_lozo}
-    if cls in fused_classes:
-        if use_fused(fused, params):
-            return fused_classes[cls](), params
-
-        def torch_path(
-            params: Any, *, lookahead: Any = None, rounds: Any = None, fast_math: Any = None, **kwargs: Any
-        ) -> ZOOptimizer:
-            return cls(params, **kwargs)
-
-        return torch_path, params
-    if fused:
-        raise ValueError(
-            f"fused=True is implemented for 'zo_sgd' and 'lozo' only, not {cls.__name__}; drop fused=True."
-        )
-    return cls, params
-
-
-def _fused_lozo() -> type:
-    from lightning_zobi.zo.fused_lowrank import FusedLOZO
-
-    return FusedLOZO
-
-
 __all__ = [
     "BLOCK",
     "FusedGaussianDirections",
@@ -1244,7 +1208,6 @@ __all__ = [
     "FusedZOSGD",
     "HAS_TRITON",
     "fused_available",
-    "select_optimizer",
     "derive_seeds",
     "tensor_seeds",
     "use_fused",

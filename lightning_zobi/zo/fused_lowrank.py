@@ -54,6 +54,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_zobi.zo.base import _reject_directions
 from lightning_zobi.zo.directions import DirectionKey, LowRankDirections, derive_seed
 from lightning_zobi.zo.fused import (
     HAS_TRITON,
@@ -76,7 +77,7 @@ from lightning_zobi.zo.fused import (
     sr_mode,
     stochastic_round,
 )
-from lightning_zobi.zo.optim import LOZO, _reject_directions
+from lightning_zobi.zo.rules.lozo import LOZO
 
 if HAS_TRITON:
     import triton
