@@ -142,3 +142,14 @@ def test_flatness_monitor_runs_under_first_order_training(tmp_path):
     _tiny_fit(tmp_path, [monitor])
     assert [h[0] for h in monitor.history] == [3, 6]
     assert all(h[1] > 0 for h in monitor.history)  # cross-entropy of a small net: a positive trace here
+
+
+def test_zero_order_logs_the_trace_on_request(tmp_path):
+    """``ZeroOrder(log_hessian_trace_every=N)``: the same diagnostic without adding a callback."""
+    from lightning_zobi import ZeroOrder
+
+    zo = ZeroOrder(lr=0.0, log_hessian_trace_every=3, hessian_trace_probes=2)
+    model, before, trainer = _tiny_fit(tmp_path, [zo])
+    assert zo.flatness is not None and [h[0] for h in zo.flatness.history] == [3, 6]
+    assert "zo/hessian_trace" in trainer.callback_metrics
+    assert ZeroOrder().flatness is None

@@ -42,6 +42,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_zobi.lightning.callbacks.flatness import FlatnessMonitor
 from lightning_zobi.lightning.checkpoint_io import ZO_GROUP_TAG, install_zo_resume_guard
 from lightning_zobi.lightning.strategies import ZODDPStrategy, ZOFSDPStrategy
 from lightning_zobi.zo.optim import OPTIMIZERS, ZOFOHybrid, ZOOptimizer, build_optimizer
@@ -182,6 +183,10 @@ class ZeroOrder(Callback):
             of the module already has ``weight_decay=0``, the latter are split off with no decay.
             ``False`` decays exactly as the module's groups say.
         optimizer_kwargs: extra arguments of the chosen rule (e.g. ``{"momentum": 0.9}``).
+        log_hessian_trace_every: log ``zo/hessian_trace``, a forward-only Hutchinson estimate of
+            the loss Hessian's trace ("Zeroth-Order Optimization Finds Flat Minima", arXiv
+            2506.05454), every N steps (``2·hessian_trace_probes + 1`` extra forwards each time;
+            :class:`~lightning_zobi.lightning.callbacks.flatness.FlatnessMonitor` does the work).
 
     Gradient clipping: ``Trainer(gradient_clip_val=c)`` clamps each query's projected gradient
     ``g = (L+ − L−)/2ε`` to ``[−c, c]`` before the update (``gradient_clip_algorithm`` "norm" and
@@ -217,6 +222,8 @@ class ZeroOrder(Callback):
         stochastic_rounding: bool | None = None,
         exclude_bias_and_norm: bool = True,
         optimizer_kwargs: dict[str, Any] | None = None,
+        log_hessian_trace_every: int | None = None,
+        hessian_trace_probes: int = 8,
     ) -> None:
         if optimizer not in OPTIMIZERS:
             raise ValueError(
@@ -243,6 +250,11 @@ class ZeroOrder(Callback):
         self.stochastic_rounding = stochastic_rounding
         self.exclude_bias_and_norm = exclude_bias_and_norm
         self.optimizer_kwargs = dict(optimizer_kwargs or {})
+        self.flatness = (
+            FlatnessMonitor(every_n_steps=log_hessian_trace_every, probes=hessian_trace_probes, seed=seed)
+            if log_hessian_trace_every is not None
+            else None
+        )
         self.projected_grad_clip: float | None = None
         self.zo_optimizers: list[ZOOptimizer] = []
         self._unwrap: Callable[[], None] | None = None
@@ -482,6 +494,8 @@ class ZeroOrder(Callback):
             pl_module.log(
                 f"zo/nonfinite_skips{suffix}", float(zo.nonfinite_total), on_step=True, on_epoch=False
             )
+        if self.flatness is not None:
+            self.flatness.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         trainer.fit_loop._skip_backward = False
