@@ -31,8 +31,14 @@ paths), training amplifies that, and only the spread over seeds, reported here, 
 
 Usage::
 
-    python benchmarks/llm_unlearn.py                  # the CPU chain (learning ~6 min + ~25 min on 2 idle cores)
-    python benchmarks/llm_unlearn.py --config quick   # smoke test (~2 min)
+    python benchmarks/llm_unlearn.py                  # the CPU chain, 3 seeds (not yet timed in full; see below)
+    python benchmarks/llm_unlearn.py --config quick   # smoke test (42 s on 2 cores)
+
+Cost measured per part on the shared 2-core machine (one thread per process): learning the two cached
+models ran 1 050 s side by side under load (≈ 330 s of CPU each); one 120-150-step unlearning run of the
+``cpu`` configuration is 67 s (head-only control), 160 s (FO) and 190 s (hybrid) of wall at load ≈ 5,
+plus its scoring; with the attacks and 4 methods x 3 seeds the whole chain is estimated at 25-30 min
+on 2 idle cores, more when the cores are shared.
     python benchmarks/llm_unlearn.py --methods npo_fo npo_zo_head --seeds 0
 
 Writes ``benchmarks/results/llm_unlearn.json`` (``--out``).
