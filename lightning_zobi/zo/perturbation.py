@@ -206,6 +206,7 @@ class JustInTimePerturbation(Perturber):
         self._internal = False
         self._touched = False
         self._outside_reads: dict[int, Tensor] = {}
+        self._owned_cache: dict[int, tuple[nn.Module, list[int]]] = {}
 
     # ------------------------------------------------------------------ materialisation
     def source(self, index: int) -> Tensor:
@@ -252,13 +253,18 @@ class JustInTimePerturbation(Perturber):
         return self._outside_reads[index]
 
     def _owned(self, module: nn.Module) -> list[int]:
-        found = [
-            i
-            for p in module._parameters.values()
-            if p is not None and (i := self._index.get(id(p))) is not None and i not in self.whole_forward
-        ]
-        explicit = self._by_module.get(id(module))
-        return found + [i for i in explicit if i not in self.whole_forward] if explicit else found
+        """Indices of the perturbed tensors ``module`` registers (cached per module: the hooks run
+        for every module of every forward, so the host cost matters at 1B+ parameters)."""
+        key = id(module)
+        owned = self._owned_cache.get(key)
+        if owned is None or owned[0] is not module:
+            found = [
+                i for p in module._parameters.values() if p is not None and (i := self._index.get(id(p))) is not None
+            ]
+            owned = self._owned_cache[key] = (module, found + self._by_module.get(key, []))
+        if not self.whole_forward:
+            return owned[1]
+        return [i for i in owned[1] if i not in self.whole_forward]
 
     def _pre_hook(self, module: nn.Module, args: Any) -> None:
         owned = self._owned(module)
