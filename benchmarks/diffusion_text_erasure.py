@@ -450,6 +450,13 @@ def parse_args(argv=None):
     p.add_argument("--clip", default="tiny", help="'tiny' (untrained, from a config) or a hub CLIP name")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--reuse", action="store_true", help="reuse the judge/teacher in --workdir")
+    p.add_argument(
+        "--recover-on",
+        default="retain",
+        choices=["retain", "all"],
+        help="data of the recovery loss (distillation): the images without the concept (the package's "
+        "DiffusionModule) or all of them, the concept included (then only the erasure can remove it)",
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: every stage, a few steps, one seed")
     p.add_argument(
         "--anchor-reference",
@@ -521,6 +528,7 @@ def main(argv=None) -> dict:
         return [caption(int(forget.digits[i]), int(forget.colours[i])) for i in idx.tolist()]
 
     args.forget_captions = forget_captions
+    recover = splits.train if args.recover_on == "all" else retain
     uncond = text.embed([""])
     clip_metric = make_clip_metric(args.clip, text.tokenizer)
     runs: dict[str, list[dict]] = {key: [] for _, key in ROWS}
@@ -547,13 +555,13 @@ def main(argv=None) -> dict:
         for key, model in static.items():
             runs[key].append(evaluate(model, judge, text, splits, args, seed, clip_metric))
         t0 = time.perf_counter()
-        one = one_phase(teacher, retain, forget, text, args, seed, uncond)
+        one = one_phase(teacher, recover, forget, text, args, seed, uncond)
         t_one = time.perf_counter() - t0
         runs["one_phase"].append(
             {**evaluate(one, judge, text, splits, args, seed, clip_metric), "train_seconds": t_one}
         )
         t0 = time.perf_counter()
-        distilled = distill(teacher, retain, text, args, seed)
+        distilled = distill(teacher, recover, text, args, seed)
         t_distill = time.perf_counter() - t0
         t0 = time.perf_counter()
         two = esd_phase(distilled, teacher, forget, text, args, seed, uncond)
