@@ -22,6 +22,11 @@ model, peak = ``torch.cuda.max_memory_allocated`` over the timed steps, weights 
   double quantization; convolutions stay bf16), ``qzo_optimizer`` on the scales (fused on CUDA);
 * ``student_speed``: teacher vs student UNet forward (bf16, no grad): params and the speed-up.
 
+Expect for ``qzo``/``nf4_inference``: bitsandbytes quantizes ``nn.Linear`` only, and 589.0 M of SD-1.5's
+859.5 M UNet parameters are convolutions (270.0 M linear; counted on the meta device), so the resident
+weights go from 1.72 GB (bf16) to about 1.32 GB, not to a quarter. Reaching the ≤ 0.35× target needs 4-bit
+convolutions (a dequantize-then-``conv2d`` layer and a QZO scale adapter for it), which the package lacks.
+
 Targets (issue 19): QZO peak ≤ 2.4 GB (ZOODiP: 2.37 GB) and ≤ 0.35× the bf16 inference peak; bilevel
 step ≤ 3× a first-order step. A mode that fails is recorded with its error and the others still run.
 
