@@ -185,3 +185,24 @@ def test_terms_run_on_a_model_and_register():
         EXTRA_FORGET_TERMS["idk_dpo"](
             model, {k: v for k, v in batch.items() if not k.startswith("idk_")}, ref
         )
+
+
+@pytest.mark.parametrize("method", ["idk_dpo", "undial", "wga", "satimp", "ceu"])
+def test_registered_methods_run_through_the_unlearning_module(method):
+    """The open-unlearning methods are selectable by name, with their reference and defaults."""
+    from lightning_zobi.lightning.datamodules.unlearning import UnlearningDataModule
+    from lightning_zobi.lightning.modules.unlearning import UnlearningModule
+    from lightning_zobi.unlearn.llm import METHODS, UnlearningObjective
+
+    assert method in METHODS
+    torch.manual_seed(0)
+    module = UnlearningModule("tiny-llama", objective=method, term_kwargs={"beta": 2.0} if method == "wga" else None)
+    assert module.objective.needs_reference == (method in ("idk_dpo", "undial"))
+    dm = UnlearningDataModule(num_people=10, forget_batch_size=2, retain_batch_size=2, max_length=48)
+    dm.setup("fit")
+    batch, _, _ = next(iter(dm.train_dataloader()))
+    reference = getattr(module, "reference", None)
+    out = module.objective(module.model, batch["forget"], batch["retain"], reference)
+    assert torch.isfinite(out["loss"]) and out["loss"].requires_grad
+    with pytest.raises(ValueError, match="forget='nope'"):
+        UnlearningObjective(forget="nope")

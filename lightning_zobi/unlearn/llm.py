@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +54,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 FORGET_TERMS = ("ga", "npo", "simnpo", "rmu", "idk")
+FORGET_TERM_FUNCTIONS: dict[str, Callable[..., Tensor]] = {}
+"""Forget terms registered by other modules (:func:`register_forget_term`), ``fn(model, batch, reference, **kw)``."""
+_REFERENCE_TERMS: set[str] = set()
+_TERM_DEFAULTS: dict[str, dict[str, float]] = {}
 RETAIN_TERMS = ("none", "nll", "kl", "rmu")
 
 METHODS: dict[str, tuple[str, str]] = {
@@ -235,6 +239,8 @@ class UnlearningObjective:
         rmu_layer: decoder layer whose output RMU steers (negative counts from the end).
         rmu_coeff: RMU's steering coefficient ``c`` (a few times the layer's typical activation norm).
         rmu_seed: seed of RMU's random direction ``u``.
+        term_kwargs: hyper-parameters of a registered forget term (IdkDPO's ``beta``, SatImp's
+            ``beta1``/``beta2``, ...), over the term's own defaults.
 
     Call it as ``objective(model, forget_batch, retain_batch, reference)``; it returns a dict with
     ``loss``, ``forget`` and ``retain``. ``reference`` is a frozen copy of the model before
@@ -250,6 +256,7 @@ class UnlearningObjective:
     rmu_layer: int = -1
     rmu_coeff: float = 20.0
     rmu_seed: int = 0
+    term_kwargs: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         if self.forget not in FORGET_TERMS:
@@ -279,7 +286,7 @@ class UnlearningObjective:
     @property
     def needs_reference(self) -> bool:
         """Whether a frozen reference model must be passed (NPO, KL, RMU)."""
-        return self.forget in ("npo", "rmu") or self.retain in ("kl", "rmu")
+        return self.forget in ("npo", "rmu") or self.forget in _REFERENCE_TERMS or self.retain in ("kl", "rmu")
 
     def _require(self, reference: nn.Module | None, term: str) -> nn.Module:
         if reference is None:
@@ -299,6 +306,9 @@ class UnlearningObjective:
         self, model: nn.Module, batch: Mapping[str, Tensor], reference: nn.Module | None = None
     ) -> Tensor:
         """The forget term ``F`` on a forget batch (the bilevel upper loss)."""
+        if self.forget in FORGET_TERM_FUNCTIONS:
+            kwargs = {**_TERM_DEFAULTS.get(self.forget, {}), **(self.term_kwargs or {})}
+            return FORGET_TERM_FUNCTIONS[self.forget](model, batch, reference, **kwargs)
         if self.forget == "rmu":
             hidden = run_to_layer(model, batch, self.rmu_layer)
             return masked_mse(hidden, self.control(hidden).expand_as(hidden), batch["attention_mask"])
@@ -454,3 +464,28 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
 def _matches(model: nn.Module, state: Mapping[str, Tensor]) -> bool:
     keys = set(model.state_dict())
     return bool(keys) and len(keys & set(state)) >= 0.5 * len(state)
+
+
+def register_forget_term(
+    name: str,
+    fn: Callable[..., Tensor],
+    *,
+    method: tuple[str, str] | None = None,
+    needs_reference: bool = False,
+    defaults: Mapping[str, float] | None = None,
+) -> None:
+    """Add a forget term ``fn(model, batch, reference, **hyper-parameters) -> loss`` (and a method).
+
+    ``method=(forget, retain)`` also names a method of :data:`METHODS` after the term, so
+    ``UnlearningModule(objective=name)`` and recipes can select it. Used by
+    :mod:`lightning_zobi.unlearn.objectives_extra` (IdkDPO, UNDIAL, WGA, SatImp, CE-U).
+    """
+    global FORGET_TERMS
+    if name not in FORGET_TERMS:
+        FORGET_TERMS = (*FORGET_TERMS, name)
+    FORGET_TERM_FUNCTIONS[name] = fn
+    if needs_reference:
+        _REFERENCE_TERMS.add(name)
+    _TERM_DEFAULTS[name] = dict(defaults or {})
+    if method is not None:
+        METHODS[name] = method

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_zobi.unlearn.llm import sequence_logprobs
+from lightning_zobi.unlearn.llm import register_forget_term, sequence_logprobs
 
 
 # ---------------------------------------------------------------------------- tensor losses
@@ -239,3 +239,13 @@ EXTRA_DEFAULTS: dict[str, dict[str, float]] = {
     "ceu": {"ignore_first_n": 1},
 }
 """open-unlearning's default hyper-parameters per term (``configs/trainer/<METHOD>.yaml``)."""
+
+
+for _name, _term in EXTRA_FORGET_TERMS.items():
+    register_forget_term(
+        _name,
+        _term,
+        method=EXTRA_METHODS[_name],
+        needs_reference=_name in EXTRA_NEEDS_REFERENCE,
+        defaults=EXTRA_DEFAULTS.get(_name),
+    )

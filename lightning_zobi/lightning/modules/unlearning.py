@@ -63,11 +63,15 @@ class UnlearningModule(CausalLMModule):
         model: as :class:`CausalLMModule` (tiny preset, config dict, local path); the architecture
             of the weights in ``init_from``.
         objective: a method of :data:`lightning_zobi.unlearn.llm.METHODS`: ``"ga"``, ``"grad_diff"``,
-            ``"kl"``, ``"npo"``, ``"simnpo"``, ``"rmu"``, ``"idk"``.
+            ``"kl"``, ``"npo"``, ``"simnpo"``, ``"rmu"``, ``"idk"``, and the open-unlearning methods
+            registered by :mod:`lightning_zobi.unlearn.objectives_extra`: ``"idk_dpo"``,
+            ``"undial"``, ``"wga"``, ``"satimp"``, ``"ceu"``.
         retain_loss: override the method's retain term (``"none"``, ``"nll"``, ``"kl"``, ``"rmu"``).
         alpha: weight of the retain term; forget_weight: weight of the forget term.
         beta: NPO/SimNPO temperature (None: the paper's, 0.1 / 2.5); gamma: SimNPO margin.
         rmu_layer, rmu_coeff, rmu_seed: RMU's steered layer, steering coefficient and direction seed.
+        term_kwargs: hyper-parameters of a registered forget term (e.g. ``{"beta": 10.0}`` for
+            UNDIAL, ``{"beta1": 5.0, "beta2": 1.0}`` for SatImp), over open-unlearning's defaults.
         trainable: regex over parameter names; only matching parameters train (RMU updates a few
             layers only). None: all (or the LoRA adapter).
         untie_head: give the model an output head of its own (a copy of the input embedding it was
@@ -94,6 +98,7 @@ class UnlearningModule(CausalLMModule):
         rmu_layer: int = -1,
         rmu_coeff: float = 20.0,
         rmu_seed: int = 0,
+        term_kwargs: dict[str, float] | None = None,
         trainable: str | None = None,
         untie_head: bool = False,
         init_from: str | None = None,
@@ -137,6 +142,7 @@ class UnlearningModule(CausalLMModule):
             rmu_layer=rmu_layer,
             rmu_coeff=rmu_coeff,
             rmu_seed=rmu_seed,
+            term_kwargs=term_kwargs,
         )
         if init_from is not None:
             load_weights(self.model, init_from)
