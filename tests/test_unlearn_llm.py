@@ -254,7 +254,7 @@ def test_kl_to_reference_zero_at_reference_positive_after_change(toy):
 
 # ---------------------------------------------------------------------------- the objective object
 def test_methods_and_bad_arguments():
-    assert set(METHODS) == {"ga", "grad_diff", "kl", "npo", "simnpo", "rmu", "idk"}
+    assert set(METHODS) == {"ga", "grad_diff", "kl", "npo", "simnpo", "rmu", "idk", "idk_dpo", "undial", "wga", "satimp", "ceu"}
     assert UnlearningObjective.from_method("kl").needs_reference
     assert not UnlearningObjective.from_method("grad_diff").needs_reference
     assert UnlearningObjective.from_method("npo", retain="kl").retain == "kl"
