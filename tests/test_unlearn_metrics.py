@@ -164,3 +164,14 @@ def test_evaluator_matches_hand_aggregation(tiny_eval):
     assert evaluator.compute()["forget_quality"] < 0.05
     with pytest.raises(ValueError, match="split="):
         evaluator.update("train", scores)
+
+
+def test_rouge_l_recall_stems_as_tofu() -> None:
+    """TOFU / open-unlearning score ROUGE-L recall with the Porter stemmer (issue 17)."""
+    from lightning_zobi.unlearn.metrics import RougeLRecall
+
+    stemmed, plain = RougeLRecall(), RougeLRecall(use_stemmer=False)
+    for metric in (stemmed, plain):
+        metric.update(["She writes books about dragons"], ["She wrote a book about dragons."])
+    assert float(stemmed.compute()) == pytest.approx(2 / 3, abs=1e-4)
+    assert float(plain.compute()) == pytest.approx(0.5, abs=1e-4)

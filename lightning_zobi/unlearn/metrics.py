@@ -6,8 +6,8 @@ arXiv 2401.06121), computed per split (forget / retain / hold-out):
 * :class:`AnswerProbability`: ``P(answer | question)^(1/|answer|)``, the per-token (geometric-mean)
   probability of the true answer under teacher forcing.
 * :class:`ExactMatch` and :class:`RougeLRecall` of greedy generations against the answer (the
-  latter is torchmetrics' ``ROUGEScore`` restricted to ROUGE-L recall, TOFU's choice; no stemmer,
-  so it needs no NLTK data).
+  latter is torchmetrics' ``ROUGEScore`` restricted to ROUGE-L recall, TOFU's choice; with NLTK's Porter
+  stemmer as TOFU, which is rule-based and needs no downloaded NLTK data).
 * :class:`TruthRatio`: ``R = P(perturbed)/P(true)`` with per-token probabilities and the geometric
   mean over the perturbed (wrong) answers. ``R < 1``: the model prefers the truth.
 * :class:`ForgetQuality`: the p-value of a two-sample Kolmogorov-Smirnov test between the forget
@@ -83,10 +83,14 @@ class ExactMatch(MeanMetric):
 
 
 class RougeLRecall(ROUGEScore):
-    """torchmetrics' ROUGE-L, reporting recall only (the share of the answer's tokens the generation recovers)."""
+    """torchmetrics' ROUGE-L, reporting recall only (the share of the answer's tokens the generation recovers).
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(rouge_keys=("rougeL",), use_stemmer=False, accumulate="best", **kwargs)
+    With the Porter stemmer by default, as TOFU and open-unlearning score it ("She writes books about
+    dragons" against "She wrote a book about dragons." gives 0.667 stemmed, 0.5 unstemmed).
+    """
+
+    def __init__(self, use_stemmer: bool = True, **kwargs: Any) -> None:
+        super().__init__(rouge_keys=("rougeL",), use_stemmer=use_stemmer, accumulate="best", **kwargs)
 
     def compute(self) -> Tensor:  # type: ignore[override]
         return super().compute()["rougeL_recall"]
@@ -245,13 +249,20 @@ def truth_ratio_logprobs(model: nn.Module, batch: Mapping[str, Any]) -> tuple[Te
 
 @torch.no_grad()
 def score_batch(
-    model: nn.Module, batch: Mapping[str, Any], tokenizer: Any, max_new_tokens: int = 32
+    model: nn.Module,
+    batch: Mapping[str, Any],
+    tokenizer: Any,
+    max_new_tokens: int = 32,
+    use_stemmer: bool = True,
 ) -> dict[str, Any]:
     """Per-sample statistics of ``model`` on a :class:`~lightning_zobi.data.facts.FactsEvalDataset` batch.
 
     Returns ``nll`` (per-token NLL of the answer, the MIA loss), ``logp``/``n`` (answer), ``true_logp``/
     ``true_n`` and ``pert_logp``/``pert_n`` (truth-ratio question), ``generations`` (greedy, decoded)
-    and ``rouge`` (per-sample ROUGE-L recall). The model is put in eval mode for the call.
+    and ``rouge`` (per-sample ROUGE-L recall, Porter-stemmed as TOFU unless ``use_stemmer=False``).
+    ``max_new_tokens``: the generation budget (the TOFU reference generates up to 200 tokens; 32
+    keeps CPU evaluation of the package's short fictitious answers cheap). The model is put in eval
+    mode for the call.
     """
     was_training = model.training
     model.eval()
@@ -267,7 +278,7 @@ def score_batch(
     answers = list(batch["answer"])
     rouge = torch.stack(
         [
-            rouge_score(g, a, rouge_keys="rougeL", use_stemmer=False)["rougeL_recall"]
+            rouge_score(g, a, rouge_keys="rougeL", use_stemmer=use_stemmer)["rougeL_recall"]
             for g, a in zip(generations, answers, strict=True)
         ]
     )
