@@ -35,7 +35,8 @@ from lightning_zobi.zo.directions import (
 )
 from lightning_zobi.zo.estimators import ESTIMATORS, Closure, Estimate, reduce_mean
 from lightning_zobi.zo.forwards import StepForwards, check_modes
-from lightning_zobi.zo.perturbation import PERTURBATIONS, Perturber, make_perturber
+from lightning_zobi.zo.perturbation import PERTURBATIONS, Perturber
+from lightning_zobi.zo.perturbers import make_perturber
 from lightning_zobi.zo.rounding import HALF_DTYPES, writable
 
 _ROUNDING_SALT = 0x5352

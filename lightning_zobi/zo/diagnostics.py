@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from lightning_zobi.zo.directions import DirectionKey, Directions, GaussianDirections, derive_seed
 from lightning_zobi.zo.estimators import _floats
 from lightning_zobi.zo.forwards import StepForwards
-from lightning_zobi.zo.perturbation import make_perturber
+from lightning_zobi.zo.perturbers import make_perturber
 
 _TRACE_SALT = 0x4854  # "HT": separates diagnostic directions from a step's
 

@@ -76,7 +76,53 @@ class _ClosureOnly(Optimizer):
         self.inner.load_state_dict(state_dict)
 
 
-class Bilevel(Callback):
+class SolverCallback(Callback):
+    """What the solver callbacks (:class:`Bilevel`, ``Reweighting``) share: undo their wiring and keep the solver's state.
+
+    A subclass sets ``solver`` (with ``state_dict``/``load_state_dict``), ``_inner_optimizer`` (the
+    module's optimizer it replaced, or None) and ``_pending_state``; it patches ``training_step`` on
+    the module and sets ``fit_loop._skip_backward``. Fit end and exceptions restore all three, and
+    the solver's state is checkpointed (restored before the solver exists: kept until then).
+    """
+
+    solver: Any = None
+    _inner_optimizer: Optimizer | None = None
+    _pending_state: dict[str, Any] | None = None
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore(trainer, pl_module)
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._restore(trainer, pl_module)
+
+    def _restore(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if "training_step" in vars(pl_module):
+            del pl_module.training_step
+        if self._inner_optimizer is not None:
+            trainer.strategy.optimizers = [self._inner_optimizer]
+            self._inner_optimizer = None
+        trainer.fit_loop._skip_backward = False
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        """The solver's state (step, γ position, ``z``, ZO seeds and steps, ...) for the checkpoint."""
+        if self.solver is not None:
+            return self.solver.state_dict()
+        return dict(self._pending_state or {})
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restored before the solver exists (Lightning restores callbacks before on_fit_start): kept until then."""
+        if not state_dict:
+            return
+        if self.solver is not None:
+            self.solver.load_state_dict(state_dict)
+        else:
+            self._pending_state = dict(state_dict)
+
+
+class Bilevel(SolverCallback):
     """Solve ``min f(x, y) s.t. y ∈ argmin g(x, y)`` with the module's losses and a bilevel solver.
 
     ``Trainer(callbacks=[Bilevel(solver="penalty", gamma=10.0, inner_steps=3)])`` on a module that
@@ -265,35 +311,3 @@ class Bilevel(Callback):
         for key, value in logs.items():
             module.log(self.log_prefix + key, value, on_step=True, on_epoch=False, prog_bar=key in ("f", "g"))
         return torch.tensor(logs["objective"])
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._restore(trainer, pl_module)
-
-    def on_exception(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
-    ) -> None:
-        self._restore(trainer, pl_module)
-
-    def _restore(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if "training_step" in vars(pl_module):
-            del pl_module.training_step
-        if self._inner_optimizer is not None:
-            trainer.strategy.optimizers = [self._inner_optimizer]
-            self._inner_optimizer = None
-        trainer.fit_loop._skip_backward = False
-
-    # ------------------------------------------------------------------ checkpoint
-    def state_dict(self) -> dict[str, Any]:
-        """The solver's state (step, γ position, ``z``, ZO seed/step) for the checkpoint."""
-        if self.solver is not None:
-            return self.solver.state_dict()
-        return dict(self._pending_state or {})
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restored before the solver exists (Lightning restores callbacks before on_fit_start): kept until then."""
-        if not state_dict:
-            return
-        if self.solver is not None:
-            self.solver.load_state_dict(state_dict)
-        else:
-            self._pending_state = dict(state_dict)

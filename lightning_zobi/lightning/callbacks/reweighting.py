@@ -20,17 +20,16 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_zobi.bilevel import DataReweighting, GammaSchedule
 from lightning_zobi.bilevel.reweighting import LOWER_MODES, PARAMETRIZATIONS
-from lightning_zobi.lightning.callbacks.bilevel import _ClosureOnly
+from lightning_zobi.lightning.callbacks.bilevel import SolverCallback, _ClosureOnly
 from lightning_zobi.zo.params import select_parameters
 
 
-class Reweighting(Callback):
+class Reweighting(SolverCallback):
     """ScaleBiO data reweighting (arXiv 2406.19976) as a callback: ``Trainer(callbacks=[Reweighting(sources=[...])])``.
 
     Logs ``reweight/weight/<source>`` (the learned λ), ``reweight/loss/<source>``, ``reweight/gap/<source>``
@@ -209,34 +208,3 @@ class Reweighting(Callback):
                 self.log_prefix + key, value, on_step=True, on_epoch=False, prog_bar=key.startswith("weight/")
             )
         return torch.tensor(logs["objective"])
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._restore(trainer, pl_module)
-
-    def on_exception(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
-    ) -> None:
-        self._restore(trainer, pl_module)
-
-    def _restore(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if "training_step" in vars(pl_module):
-            del pl_module.training_step
-        if self._inner_optimizer is not None:
-            trainer.strategy.optimizers = [self._inner_optimizer]
-            self._inner_optimizer = None
-        trainer.fit_loop._skip_backward = False
-
-    # ------------------------------------------------------------------ checkpoint
-    def state_dict(self) -> dict[str, Any]:
-        """The solver's state (weights, ``u``, step, ZO seeds) for the checkpoint."""
-        if self.solver is not None:
-            return self.solver.state_dict()
-        return dict(self._pending_state or {})
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not state_dict:
-            return
-        if self.solver is not None:
-            self.solver.load_state_dict(state_dict)
-        else:
-            self._pending_state = dict(state_dict)

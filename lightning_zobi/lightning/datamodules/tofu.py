@@ -8,7 +8,6 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader
-from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lightning_zobi.data.benchmarks import (
     TOFU_FORGET_SPLITS,
@@ -17,10 +16,8 @@ from lightning_zobi.data.benchmarks import (
     load_tofu,
     with_self_as_perturbed,
 )
-from lightning_zobi.data.facts import TRUTH_RATIO_QUESTIONS, ForgetQADataset
-from lightning_zobi.lightning.datamodules.facts import QADataset, load_tokenizer
-
-_MODES = ("max_size_cycle", "min_size", "max_size")
+from lightning_zobi.lightning.datamodules.facts import load_tokenizer
+from lightning_zobi.lightning.datamodules.unlearning import check_unlearning_options, forget_retain_loader
 
 
 class TOFUDataModule(pl.LightningDataModule):
@@ -79,38 +76,19 @@ class TOFUDataModule(pl.LightningDataModule):
         super().__init__()
         if forget_split not in TOFU_FORGET_SPLITS:
             raise ValueError(f"forget_split={forget_split!r} is invalid: choose one of {TOFU_FORGET_SPLITS}.")
-        if mode not in _MODES:
-            raise ValueError(f"mode={mode!r} is invalid: choose one of {_MODES}.")
-        if truth_ratio_question not in TRUTH_RATIO_QUESTIONS:
-            raise ValueError(
-                f"truth_ratio_question={truth_ratio_question!r} is invalid: choose one of {TRUTH_RATIO_QUESTIONS}."
-            )
-        for name, value in (
-            ("forget_batch_size", forget_batch_size),
-            ("retain_batch_size", retain_batch_size),
-            ("eval_batch_size", eval_batch_size),
-        ):
-            if not (isinstance(value, int) and value >= 1):
-                raise ValueError(f"{name}={value!r} is invalid: use a batch size >= 1.")
+        check_unlearning_options(
+            mode,
+            truth_ratio_question,
+            forget_batch_size=forget_batch_size,
+            retain_batch_size=retain_batch_size,
+            eval_batch_size=eval_batch_size,
+        )
         self.save_hyperparameters()
         self.tokenizer = load_tokenizer(tokenizer)
         self.splits: TOFUSplits = load_tofu(path, forget_split, retain_split, holdout_split)
 
     def train_dataloader(self) -> CombinedLoader:
-        hp = self.hparams
-        forget = StatefulDataLoader(
-            ForgetQADataset(self.splits.forget, self.tokenizer, hp.max_length, hp.seed),
-            batch_size=hp.forget_batch_size,
-            shuffle=True,
-            num_workers=hp.num_workers,
-        )
-        retain = StatefulDataLoader(
-            QADataset(self.splits.retain, self.tokenizer, hp.max_length),
-            batch_size=hp.retain_batch_size,
-            shuffle=True,
-            num_workers=hp.num_workers,
-        )
-        return CombinedLoader({"forget": forget, "retain": retain}, mode=hp.mode)
+        return forget_retain_loader(self.splits.forget, self.splits.retain, self.tokenizer, self.hparams)
 
     def eval_datasets(self) -> list[TOFUEvalDataset]:
         """The forget, retain and hold-out evaluation sets, in the order of ``unlearn.metrics.SPLITS``."""

@@ -22,6 +22,36 @@ from lightning_zobi.unlearn.metrics import SPLITS
 _MODES = ("max_size_cycle", "min_size", "max_size")
 
 
+def check_unlearning_options(mode: str, truth_ratio_question: str, **batch_sizes: int) -> None:
+    """Clear errors for the options every forget/retain QA datamodule takes (this one, TOFU's)."""
+    if mode not in _MODES:
+        raise ValueError(f"mode={mode!r} is invalid: choose one of {_MODES}.")
+    if truth_ratio_question not in TRUTH_RATIO_QUESTIONS:
+        raise ValueError(
+            f"truth_ratio_question={truth_ratio_question!r} is invalid: choose one of {TRUTH_RATIO_QUESTIONS}."
+        )
+    for name, value in batch_sizes.items():
+        if not (isinstance(value, int) and value >= 1):
+            raise ValueError(f"{name}={value!r} is invalid: use a batch size >= 1.")
+
+
+def forget_retain_loader(forget: list, retain: list, tokenizer: Any, hp: Any) -> CombinedLoader:
+    """Shuffled forget (with IDK answers) and retain QA loaders, combined as ``{"forget", "retain"}``."""
+    forget_loader = StatefulDataLoader(
+        ForgetQADataset(forget, tokenizer, hp.max_length, hp.seed),
+        batch_size=hp.forget_batch_size,
+        shuffle=True,
+        num_workers=hp.num_workers,
+    )
+    retain_loader = StatefulDataLoader(
+        QADataset(retain, tokenizer, hp.max_length),
+        batch_size=hp.retain_batch_size,
+        shuffle=True,
+        num_workers=hp.num_workers,
+    )
+    return CombinedLoader({"forget": forget_loader, "retain": retain_loader}, mode=hp.mode)
+
+
 class UnlearningDataModule(pl.LightningDataModule):
     """Fictitious-facts forget/retain training batches and forget/retain/hold-out evaluation batches.
 
@@ -67,18 +97,9 @@ class UnlearningDataModule(pl.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        if mode not in _MODES:
-            raise ValueError(f"mode={mode!r} is invalid: choose one of {_MODES}.")
-        if truth_ratio_question not in TRUTH_RATIO_QUESTIONS:
-            raise ValueError(
-                f"truth_ratio_question={truth_ratio_question!r} is invalid: choose one of {TRUTH_RATIO_QUESTIONS}."
-            )
-        for name, value in (
-            ("forget_batch_size", forget_batch_size),
-            ("retain_batch_size", retain_batch_size),
-        ):
-            if not (isinstance(value, int) and value >= 1):
-                raise ValueError(f"{name}={value!r} is invalid: use a batch size >= 1.")
+        check_unlearning_options(
+            mode, truth_ratio_question, forget_batch_size=forget_batch_size, retain_batch_size=retain_batch_size
+        )
         self.save_hyperparameters()
         self.tokenizer = load_tokenizer(tokenizer)
         self.splits: FactsSplits = make_splits(num_people, forget_fraction, holdout_fraction, seed)
@@ -88,20 +109,7 @@ class UnlearningDataModule(pl.LightningDataModule):
             )
 
     def train_dataloader(self) -> CombinedLoader:
-        hp = self.hparams
-        forget = StatefulDataLoader(
-            ForgetQADataset(self.splits.forget, self.tokenizer, hp.max_length, hp.seed),
-            batch_size=hp.forget_batch_size,
-            shuffle=True,
-            num_workers=hp.num_workers,
-        )
-        retain = StatefulDataLoader(
-            QADataset(self.splits.retain, self.tokenizer, hp.max_length),
-            batch_size=hp.retain_batch_size,
-            shuffle=True,
-            num_workers=hp.num_workers,
-        )
-        return CombinedLoader({"forget": forget, "retain": retain}, mode=hp.mode)
+        return forget_retain_loader(self.splits.forget, self.splits.retain, self.tokenizer, self.hparams)
 
     def eval_pairs(self) -> dict[str, list]:
         """The pairs each evaluation split scores (retain cut to ``eval_retain_size``)."""
