@@ -365,7 +365,7 @@ def main(args: list[str] | None = None) -> None:
 
 def report_main(argv: list[str]) -> None:
     """``zobi report RUN_DIR [RUN_DIR ...] [--out compare.png]``."""
-    from lightning_zobi.lightning.callbacks.report import compare_runs, render_run
+    from lightning_zobi.lightning.run_plots import compare_runs, render_run
 
     parser = argparse.ArgumentParser(
         prog="zobi report",

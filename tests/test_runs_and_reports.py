@@ -14,7 +14,7 @@ import torch
 
 from lightning_zobi.cli import CHAINS, chain_stages, main, run_cli, run_dir_for, short_error
 from lightning_zobi.lightning.callbacks import zero_order
-from lightning_zobi.lightning.callbacks.report import labelled_grid, read_metrics
+from lightning_zobi.lightning.run_plots import labelled_grid, read_metrics
 from lightning_zobi.zo.optim import OPTIMIZERS
 
 ROOT = Path(__file__).resolve().parents[1]
