@@ -16,12 +16,14 @@ from lightning_zobi.lightning.datamodules.facts import load_tokenizer
 from lightning_zobi.lightning.modules.causal_lm import build_causal_lm
 from lightning_zobi.unlearn.llm import (
     METHODS,
+    RMU_PRESETS,
     UnlearningObjective,
     answer_logprobs,
     capture_hidden,
     control_vector,
     kl_to_reference,
     load_weights,
+    masked_mse,
     mean_nll,
     npo_loss,
     run_to_layer,
@@ -217,7 +219,9 @@ def test_rmu_hook_stops_forward_and_steers_towards_control(toy):
         toy(batch["input_ids"])
     assert store["hidden"].shape == (4, 6, 8) and toy.head_calls == calls + 1
     ref = copy.deepcopy(toy).requires_grad_(False)
-    obj = UnlearningObjective(forget="rmu", retain="rmu", rmu_layer=0, rmu_coeff=3.0, alpha=1.0)
+    obj = UnlearningObjective(
+        forget="rmu", retain="rmu", rmu_layer=0, rmu_coeff=3.0, alpha=1.0, rmu_tokens="attention"
+    )
     out = obj(toy, batch, toy_batch(2), reference=ref)
     assert out["retain"].item() == 0.0  # identical to the reference
     control = control_vector(8, 3.0)
@@ -231,6 +235,95 @@ def test_rmu_hook_stops_forward_and_steers_towards_control(toy):
     assert obj(toy, batch, toy_batch(2), reference=ref)["forget"].item() < before
     with pytest.raises(ValueError, match="out of range"):
         run_to_layer(toy, batch, 5)
+
+
+def ou_rmu_activation_loss(activation1, activation2, mask):
+    """open-unlearning ``RMU.compute_activation_loss`` (src/trainer/unlearn/rmu.py), transcribed."""
+    squared_diff = torch.nn.functional.mse_loss(activation1, activation2, reduction="none")
+    expanded_mask = mask.unsqueeze(-1).expand_as(squared_diff)
+    squared_diff_sum = (squared_diff * expanded_mask).mean(dim=2).sum(dim=(1))
+    num_tokens = mask.sum(dim=-1, keepdim=True)
+    return (squared_diff_sum / num_tokens).mean()
+
+
+def test_rmu_defaults_and_token_mask_follow_open_unlearning(toy):
+    """RMU by default: layer 7, c = 2, per-sample mean over answer tokens (open-unlearning's RMU)."""
+    obj = UnlearningObjective(forget="rmu", retain="rmu")
+    assert (obj.rmu_layer, obj.rmu_coeff, obj.rmu_tokens) == (7, 2.0, "answer")
+    assert RMU_PRESETS["open-unlearning"]["rmu_layer"] == 7 and RMU_PRESETS["wmdp"]["rmu_coeff"] == 6.5
+    batch = toy_batch(1)
+    batch["labels"][0, -1] = batch["input_ids"][0, -1]  # every row: 4 answer tokens, one padded position
+    ref = copy.deepcopy(toy).requires_grad_(False)
+    with torch.no_grad():
+        ref.layers[0].weight.add_(0.3)  # a reference that differs, so the retain term is not 0
+    obj = UnlearningObjective(forget="rmu", retain="rmu", rmu_layer=0, rmu_coeff=3.0)
+    hidden = run_to_layer(toy, batch, 0)
+    ref_hidden = run_to_layer(ref, batch, 0)
+    answer = batch["labels"] != -100
+    control = control_vector(8, 3.0).reshape(1, 1, 8).expand_as(hidden)
+    want_f = ou_rmu_activation_loss(hidden, control, answer)
+    want_r = ou_rmu_activation_loss(hidden, ref_hidden, answer)
+    assert obj.forget_loss(toy, batch).item() == pytest.approx(want_f.item(), rel=1e-6)
+    assert obj.retain_loss(toy, batch, ref).item() == pytest.approx(want_r.item(), rel=1e-6)
+    # rows with different answer lengths: the reference's (B,) / (B, 1) broadcasts to (B, B) and
+    # computes mean(S)·mean(1/n); we compute the per-sample mean its comments describe, mean(S/n)
+    batch["labels"][1, 2:4] = -100
+    answer = batch["labels"] != -100
+    per_token = ((hidden - control) ** 2).mean(-1) * answer
+    s, n = per_token.sum(-1), answer.sum(-1).float()
+    assert obj.forget_loss(toy, batch).item() == pytest.approx((s / n).mean().item(), rel=1e-6)
+    theirs = ou_rmu_activation_loss(hidden, control, answer)
+    assert theirs.item() == pytest.approx((s.mean() * (1 / n).mean()).item(), rel=1e-6)
+    assert abs(masked_mse(hidden, control, answer).item() - (s / n).mean().item()) > 1e-4  # pooled differs
+    # WMDP's original: F.mse_loss over every position (padding included)
+    wmdp = UnlearningObjective(forget="rmu", rmu_layer=0, rmu_coeff=3.0, rmu_tokens="all")
+    want_all = torch.nn.functional.mse_loss(hidden, control)
+    assert wmdp.forget_loss(toy, batch).item() == pytest.approx(want_all.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="rmu_tokens"):
+        UnlearningObjective(forget="rmu", rmu_tokens="labels")
+    with pytest.raises(ValueError, match="rmu_layer=-1"):
+        UnlearningObjective(forget="rmu").forget_loss(toy, batch)  # layer 7 of a 2-layer model
+    unlabelled = {k: v for k, v in batch.items() if k != "labels"}
+    with pytest.raises(ValueError, match="rmu_tokens='attention'"):
+        obj.forget_loss(toy, unlabelled)
+
+
+def test_documented_differences_kl_idk_simnpo(toy):
+    """The relations to the references stated in lightning_zobi.unlearn.llm's docstring."""
+    # SimNPO: open-unlearning's delta inside beta·(...) equals our gamma = beta·delta
+    logp_sum, n = torch.tensor([-3.0, -7.5, -1.2]), torch.tensor([3, 5, 2])
+    beta, delta = 2.5, 0.4
+    nll = -logp_sum / n - delta
+    ou = -torch.nn.functional.logsigmoid(beta * nll).mean() * 2 / beta
+    assert simnpo_loss(logp_sum, n, beta, gamma=beta * delta).item() == pytest.approx(ou.item(), rel=1e-6)
+    assert simnpo_loss(logp_sum, n, beta, gamma=delta).item() != pytest.approx(ou.item(), rel=1e-3)
+    # KL: TOFU / open-unlearning batchmean over all B·T rows = ((T-1)·ours + mean last-position KL) / T
+    batch = toy_batch(3)
+    batch["attention_mask"] = torch.ones_like(batch["attention_mask"])  # unpadded rows
+    ref = copy.deepcopy(toy).requires_grad_(False)
+    with torch.no_grad():
+        ref.head.bias.add_(torch.linspace(-1, 1, 11))
+    logits, ref_logits = toy(batch["input_ids"]).logits, ref(batch["input_ids"]).logits
+    v, t = logits.shape[-1], logits.shape[1]
+    cur, tgt = torch.log_softmax(logits, -1).view(-1, v), torch.log_softmax(ref_logits, -1).view(-1, v)
+    theirs = torch.nn.functional.kl_div(cur, tgt, reduction="batchmean", log_target=True)
+    ours = kl_to_reference(logits, ref_logits, batch["attention_mask"])
+    last = torch.nn.functional.kl_div(
+        torch.log_softmax(logits[:, -1], -1), torch.log_softmax(ref_logits[:, -1], -1),
+        reduction="batchmean", log_target=True,
+    )
+    assert theirs.item() == pytest.approx(((t - 1) * ours + last).item() / t, rel=1e-5)
+    # IDK: TOFU's mean over the concatenated idk + retain tokens is half of ours for equal counts
+    idk, retain = toy_batch(4, prefix="idk_"), toy_batch(5)
+    for b in (idk, retain):
+        for k in list(b):
+            if k.endswith("labels"):
+                b[k][0, -1] = b[k.replace("labels", "input_ids")][0, -1]  # same token count in both
+    ours_idk = UnlearningObjective(forget="idk", retain="nll", alpha=1.0)(toy, idk, retain)["loss"]
+    ids = torch.cat([idk["idk_input_ids"], retain["input_ids"]])
+    labels = torch.cat([idk["idk_labels"], retain["labels"]])
+    tofu = mean_nll(*answer_logprobs(toy(ids).logits, labels))
+    assert tofu.item() == pytest.approx(0.5 * ours_idk.item(), rel=1e-5)
 
 
 # ---------------------------------------------------------------------------- retain terms

@@ -21,7 +21,16 @@ Forget terms (``forget=``):
 * ``"rmu"``: representation misdirection, ``E‖h_ℓ(x_f) - c·u‖²`` pushes the layer-ℓ hidden states of
   forget text towards a fixed random direction ``u`` scaled by ``c``. "The WMDP Benchmark:
   Measuring and Reducing Malicious Use With Unlearning" (Li et al., 2024, arXiv 2403.03218).
-  The hidden states come from a forward hook that stops the forward after layer ℓ.
+  The hidden states come from a forward hook that stops the forward after layer ℓ. Defaults are
+  open-unlearning's (``configs/trainer/RMU.yaml``, ``src/trainer/unlearn/rmu.py``): the output of
+  decoder layer 7, ``c = 2``, the squared error averaged per sample over its answer tokens
+  (``labels != -100``) and then over the batch (``rmu_tokens="answer"``). The WMDP original
+  (``rmu/unlearn.py`` and its Zephyr-7B run) steers layer 7 with ``c = 6.5``, retain weight
+  ``α = 1200``, trains only ``layers.5-7.mlp.down_proj`` and averages over every position,
+  padding included (``rmu_tokens="all"``): :data:`RMU_PRESETS` holds both. Layer 7 needs a model
+  with 8+ layers: the tiny recipes set ``rmu_layer: -1`` and ``rmu_coeff: 20`` (the last layer of
+  a 2-layer model, whose hidden states have a larger norm). ``rmu_tokens="attention"`` is this
+  library's earlier convention (every attention-masked token, pooled over the batch).
 * ``"idk"``: fine-tune the forget questions towards "I don't know"-style refusals, ``NLL(idk)``,
   the IDK target of "TOFU: A Task of Fictitious Unlearning for LLMs" (Maini et al., 2024,
   arXiv 2401.06121). Needs ``idk_*`` keys in the forget batch (``ForgetQADataset`` makes them).
@@ -30,6 +39,23 @@ Retain terms (``retain=``): ``"nll"`` (gradient difference when paired with GA: 
 Learning and Private Unlearning", Liu et al., CoLLAs 2022, arXiv 2203.12817, TOFU's GradDiff),
 ``"kl"`` (``KL(π_ref ‖ π_θ)`` per token on retain text, TOFU's "KL minimization"), ``"rmu"``
 (``‖h_ℓ(x_r) - h_ℓ^ref(x_r)‖²``, RMU's retain term) and ``"none"``.
+
+Deliberate differences from the reference code (TOFU ``dataloader.py``, open-unlearning
+``src/trainer/``), each with the exact relation (tests: ``tests/test_unlearn_llm.py``):
+
+* **KL retain normalisation.** Ours averages ``KL(π_ref ‖ π_θ)`` over the next-token
+  distributions of the attention-masked positions that predict a token (``t < T - 1``). TOFU and
+  open-unlearning (``compute_kl_divergence``) call ``kl_div(..., reduction="batchmean")`` on the
+  ``(B·T, V)`` rows: the mean over *every* position, padding and the last one included, so their
+  value shrinks as padding grows. On unpadded rows of length ``T`` theirs equals
+  ``((T - 1)·ours + mean over rows of the last position's KL) / T``.
+* **IDK loss scale.** Ours is ``forget_weight · NLL(idk) + alpha · NLL(retain)``, each a mean over
+  its own tokens. TOFU's ``idk`` concatenates the two batches and takes one token-weighted mean,
+  ``(n_idk·NLL(idk) + n_ret·NLL(retain)) / (n_idk + n_ret)``: half of ours (``alpha = 1``) when
+  the token counts are equal; scale ``lr`` (or both weights) by 1/2 to match it.
+* **SimNPO's margin.** Ours follows the paper, ``-(2/β) log σ(-(β/|y|) log π_θ - γ)``; open-unlearning
+  subtracts ``delta`` before multiplying by ``β``: ``-(2/β) log σ(β (NLL/|y| - delta))``. The two are
+  equal when ``gamma = beta · delta`` (identical at 0).
 
 The named methods of :data:`METHODS` pair them as the papers do (``grad_diff`` = GA + NLL,
 ``kl`` = GA + KL, ``npo`` = NPO + NLL, ...); any pair can be chosen explicitly.
@@ -59,6 +85,32 @@ FORGET_TERM_FUNCTIONS: dict[str, Callable[..., Tensor]] = {}
 _REFERENCE_TERMS: set[str] = set()
 _TERM_DEFAULTS: dict[str, dict[str, float]] = {}
 RETAIN_TERMS = ("none", "nll", "kl", "rmu")
+RMU_TOKENS = ("answer", "attention", "all")
+"""Which positions RMU's squared error averages over (see :func:`rmu_activation_loss`)."""
+
+RMU_PRESETS: dict[str, dict[str, Any]] = {
+    "open-unlearning": {
+        "rmu_layer": 7,
+        "rmu_coeff": 2.0,
+        "rmu_tokens": "answer",
+        "alpha": 1.0,
+        "trainable": None,  # configs/trainer/RMU.yaml: trainable_params_regex ".*"
+    },
+    "wmdp": {
+        "rmu_layer": 7,
+        "rmu_coeff": 6.5,
+        "rmu_tokens": "all",
+        "alpha": 1200.0,
+        "trainable": r"layers\.(5|6|7)\.mlp\.down_proj",
+    },
+}
+"""RMU hyper-parameters of the two references, for 32-layer 7B models (Llama-2 / Zephyr).
+
+``open-unlearning``: ``configs/trainer/RMU.yaml`` (its class default ``steering_coeff=20`` is
+overridden to 2 there). ``wmdp``: ``centerforaisafety/wmdp`` ``rmu/unlearn.py`` defaults
+(``layer_id=7``, ``layer_ids=5,6,7``, ``param_ids=6``: ``mlp.down_proj``) with the Zephyr-7B
+command of its README (``--steering_coeffs 6.5 --alpha 1200``).
+"""
 
 METHODS: dict[str, tuple[str, str]] = {
     "ga": ("ga", "none"),
@@ -149,10 +201,54 @@ def kl_to_reference(logits: Tensor, ref_logits: Tensor, mask: Tensor) -> Tensor:
 
 
 def masked_mse(hidden: Tensor, target: Tensor, mask: Tensor) -> Tensor:
-    """Mean over unmasked tokens of the squared L2 distance ``‖hidden - target‖²`` / hidden size (RMU's MSE)."""
+    """Mean over unmasked tokens of the squared L2 distance ``‖hidden - target‖²`` / hidden size, pooled over the batch."""
     per_token = ((hidden.float() - target.float()) ** 2).mean(-1)
     m = mask.to(per_token.dtype)
     return (per_token * m).sum() / m.sum().clamp_min(1)
+
+
+def per_sample_masked_mse(hidden: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """``‖hidden - target‖²`` / hidden size averaged per sample over its masked tokens, then over samples.
+
+    open-unlearning's ``RMU.compute_activation_loss`` as its comments describe it: a short answer
+    weighs as much as a long one. Its code divides a ``(B,)`` sum by a ``(B, 1)`` count, which
+    broadcasts to ``(B, B)`` and yields ``mean(S)·mean(1/n)``: the same value when every row has
+    the same number of masked tokens, not otherwise (we keep the per-sample mean). A row with no
+    masked token contributes 0 (open-unlearning divides by zero there: NaN).
+    """
+    per_token = ((hidden.float() - target.float()) ** 2).mean(-1)
+    m = mask.to(per_token.dtype)
+    return ((per_token * m).sum(-1) / m.sum(-1).clamp_min(1)).mean()
+
+
+def rmu_token_mask(batch: Mapping[str, Tensor], tokens: str = "answer", prefix: str = "") -> Tensor:
+    """The positions RMU scores: ``"answer"`` (``labels != -100``), ``"attention"`` (the attention mask) or ``"all"``."""
+    if tokens == "answer":
+        if prefix + "labels" not in batch:
+            raise ValueError(
+                "rmu_tokens='answer' needs labels (-100 outside the answer) in the batch; "
+                "pass rmu_tokens='attention' for unlabelled text."
+            )
+        return batch[prefix + "labels"] != -100
+    if tokens == "attention":
+        return batch[prefix + "attention_mask"].bool()
+    if tokens == "all":
+        return torch.ones_like(batch[prefix + "input_ids"], dtype=torch.bool)
+    raise ValueError(f"rmu_tokens={tokens!r} is invalid: choose one of {RMU_TOKENS}.")
+
+
+def rmu_activation_loss(hidden: Tensor, target: Tensor, batch: Mapping[str, Tensor], tokens: str = "answer") -> Tensor:
+    """RMU's squared error between layer activations and their target, averaged as ``tokens`` says.
+
+    ``"answer"``: per sample over its answer tokens, then over samples (open-unlearning);
+    ``"all"``: over every position, padding included (the WMDP original's ``mse_loss``; equal to
+    the per-sample mean since every row has the same length); ``"attention"``: over the
+    attention-masked tokens pooled across the batch (this library's earlier convention).
+    """
+    mask = rmu_token_mask(batch, tokens)
+    if tokens == "attention":
+        return masked_mse(hidden, target, mask)
+    return per_sample_masked_mse(hidden, target, mask)
 
 
 def control_vector(hidden_size: int, coeff: float, seed: int = 0) -> Tensor:
@@ -197,7 +293,11 @@ def capture_hidden(model: nn.Module, layer: int, stop: bool = True) -> Iterator[
     """
     layers = decoder_layers(model)
     if not -len(layers) <= layer < len(layers):
-        raise ValueError(f"rmu_layer={layer!r} is out of range: the model has {len(layers)} decoder layers.")
+        raise ValueError(
+            f"rmu_layer={layer!r} is out of range: the model has {len(layers)} decoder layers (the default 7 "
+            "is the references' layer for 32-layer 7B models); pass rmu_layer=-1 (the last) or an index below "
+            f"{len(layers)}."
+        )
     store: dict[str, Tensor] = {}
 
     def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -236,9 +336,14 @@ class UnlearningObjective:
         forget_weight: weight of the forget term.
         beta: temperature of NPO (paper: 0.1) / SimNPO (paper: 2.5 on TOFU).
         gamma: SimNPO's reward margin.
-        rmu_layer: decoder layer whose output RMU steers (negative counts from the end).
-        rmu_coeff: RMU's steering coefficient ``c`` (a few times the layer's typical activation norm).
+        rmu_layer: decoder layer whose output RMU steers (negative counts from the end); 7 as
+            open-unlearning and WMDP (for 32-layer models: a tiny model needs ``-1`` or so).
+        rmu_coeff: RMU's steering coefficient ``c`` (open-unlearning's 2; WMDP's Zephyr run 6.5;
+            a few times the layer's typical activation norm).
         rmu_seed: seed of RMU's random direction ``u``.
+        rmu_tokens: positions RMU's squared error averages over, one of :data:`RMU_TOKENS`:
+            ``"answer"`` (open-unlearning, default), ``"all"`` (WMDP) or ``"attention"``
+            (this library's earlier convention); see :func:`rmu_activation_loss`.
         term_kwargs: hyper-parameters of a registered forget term (IdkDPO's ``beta``, SatImp's
             ``beta1``/``beta2``, ...), over the term's own defaults.
 
@@ -253,9 +358,10 @@ class UnlearningObjective:
     forget_weight: float = 1.0
     beta: float = 0.1
     gamma: float = 0.0
-    rmu_layer: int = -1
-    rmu_coeff: float = 20.0
+    rmu_layer: int = 7
+    rmu_coeff: float = 2.0
     rmu_seed: int = 0
+    rmu_tokens: str = "answer"
     term_kwargs: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
@@ -269,6 +375,8 @@ class UnlearningObjective:
                 raise ValueError(f"{name}={value!r} is invalid: use a finite weight >= 0.")
         if self.forget in ("npo", "simnpo") and not self.beta > 0:
             raise ValueError(f"beta={self.beta!r} is invalid: {self.forget} needs a temperature > 0.")
+        if self.rmu_tokens not in RMU_TOKENS:
+            raise ValueError(f"rmu_tokens={self.rmu_tokens!r} is invalid: choose one of {RMU_TOKENS}.")
         if self.forget == "rmu" and not self.rmu_coeff > 0:
             raise ValueError(
                 f"rmu_coeff={self.rmu_coeff!r} is invalid: the steering coefficient must be > 0."
@@ -311,7 +419,7 @@ class UnlearningObjective:
             return FORGET_TERM_FUNCTIONS[self.forget](model, batch, reference, **kwargs)
         if self.forget == "rmu":
             hidden = run_to_layer(model, batch, self.rmu_layer)
-            return masked_mse(hidden, self.control(hidden).expand_as(hidden), batch["attention_mask"])
+            return rmu_activation_loss(hidden, self.control(hidden).expand_as(hidden), batch, self.rmu_tokens)
         if self.forget == "idk":
             if "idk_input_ids" not in batch:
                 raise ValueError(
@@ -345,7 +453,7 @@ class UnlearningObjective:
             hidden = run_to_layer(model, batch, self.rmu_layer)
             with torch.no_grad():
                 ref_hidden = run_to_layer(ref, batch, self.rmu_layer)
-            return masked_mse(hidden, ref_hidden, batch["attention_mask"])
+            return rmu_activation_loss(hidden, ref_hidden, batch, self.rmu_tokens)
         return mean_nll(*sequence_logprobs(model, batch))
 
     def __call__(
