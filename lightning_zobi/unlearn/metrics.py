@@ -442,8 +442,8 @@ def evaluate_model(
     Pass the second value of a retain-only model's call as ``reference_ratios`` of later calls to
     get ``forget_quality``.
     """
-    evaluator = UnlearningEvaluator(reference_ratios)
     device = next(model.parameters()).device
+    evaluator = UnlearningEvaluator(reference_ratios).to(device)  # its torchmetrics states live with the scores
     loaders = evaluation_loaders(
         splits, tokenizer, max_length, batch_size, truth_ratio_question, retain_limit
     )
