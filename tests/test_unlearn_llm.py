@@ -309,8 +309,10 @@ def test_documented_differences_kl_idk_simnpo(toy):
     theirs = torch.nn.functional.kl_div(cur, tgt, reduction="batchmean", log_target=True)
     ours = kl_to_reference(logits, ref_logits, batch["attention_mask"])
     last = torch.nn.functional.kl_div(
-        torch.log_softmax(logits[:, -1], -1), torch.log_softmax(ref_logits[:, -1], -1),
-        reduction="batchmean", log_target=True,
+        torch.log_softmax(logits[:, -1], -1),
+        torch.log_softmax(ref_logits[:, -1], -1),
+        reduction="batchmean",
+        log_target=True,
     )
     assert theirs.item() == pytest.approx(((t - 1) * ours + last).item() / t, rel=1e-5)
     # IDK: TOFU's mean over the concatenated idk + retain tokens is half of ours for equal counts

@@ -175,3 +175,29 @@ def test_rouge_l_recall_stems_as_tofu() -> None:
         metric.update(["She writes books about dragons"], ["She wrote a book about dragons."])
     assert float(stemmed.compute()) == pytest.approx(2 / 3, abs=1e-4)
     assert float(plain.compute()) == pytest.approx(0.5, abs=1e-4)
+
+
+def test_open_unlearning_names_table():
+    """Our keys -> open-unlearning's: one name per quantity; the 3-way utility and generation EM are not renamed."""
+    from lightning_zobi.unlearn.names import OPEN_UNLEARNING_NAMES, OURS_ONLY, open_unlearning_view
+
+    assert len(set(OPEN_UNLEARNING_NAMES.values())) == len(OPEN_UNLEARNING_NAMES)
+    assert OPEN_UNLEARNING_NAMES["tofu_model_utility"] == "model_utility"
+    assert "model_utility" not in OPEN_UNLEARNING_NAMES and "model_utility" in OURS_ONLY
+    assert "forget/em" not in OPEN_UNLEARNING_NAMES  # a generation match, not exact_memorization
+    view = open_unlearning_view(
+        {"val/mia_auc": 0.7, "val/forget/truth_score": 0.9, "val/model_utility": 0.3, "train_loss": 1.0}
+    )
+    assert view == {"forget_Truth_Ratio": 0.9, "mia_loss": 0.7}
+    assert list(view) == ["forget_Truth_Ratio", "mia_loss"]  # open-unlearning's order
+
+
+def test_generation_budget_is_checked(tiny_eval):
+    tok, splits, model = tiny_eval
+    batch = torch.utils.data.default_collate([FactsEvalDataset(splits.forget, tok, "forget", 64)[0]])
+    with pytest.raises(ValueError, match="max_new_tokens=0"):
+        score_batch(model, batch, tok, max_new_tokens=0)
+    long = score_batch(model, batch, tok, max_new_tokens=8)["generations"][0]
+    short = score_batch(model, batch, tok, max_new_tokens=2)["generations"][0]
+    n_long, n_short = (len(tok(g, add_special_tokens=False)["input_ids"]) for g in (long, short))
+    assert long.startswith(short) and n_short <= 2 < n_long <= 8

@@ -250,3 +250,121 @@ def test_multiple_choice_accuracy():
     acc = MultipleChoiceAccuracy()
     acc.update(torch.tensor([[0.1, 0.9, 0.0, 0.0], [2.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 3.0]]), [1, 1, 3])
     assert float(acc.compute()) == pytest.approx(2 / 3)
+
+
+# ------------------------------------------------------------------ the evaluator accumulates them
+def ou_truth_ratio(true_loss, pert_loss):
+    """open-unlearning ``truth_ratio``: wrong / (correct + 1e-10) from avg losses (pert: mean over options)."""
+    correct, wrong = np.exp(-true_loss), np.exp(-pert_loss.mean(-1))
+    return wrong / (correct + 1e-10)
+
+
+def test_evaluator_accumulates_mias_memorization_and_tofu_utility():
+    """UnlearningEvaluator over two batches per split against open-unlearning's formulas on the same logits."""
+    from scipy.stats import hmean
+
+    from lightning_zobi.data.facts import FactsEvalDataset, make_splits
+    from lightning_zobi.lightning.datamodules.facts import load_tokenizer
+    from lightning_zobi.unlearn.metrics import UnlearningEvaluator, score_batch, truth_ratio
+
+    torch.set_num_threads(1)
+    tok, splits = load_tokenizer("bytes"), make_splits(10, seed=0)
+    model, other = build_causal_lm("tiny-llama", seed=0).eval(), build_causal_lm("tiny-llama", seed=1).eval()
+    # utility sets: pairs whose true answer the random model already prefers (R < 1), so that no
+    # component of the harmonic mean is 0 and the 9-way mean is tested on non-trivial values
+    pool = make_splits(40, seed=0).retain
+    everything = torch.utils.data.default_collate(list(FactsEvalDataset(pool, tok, "retain", 64)))
+    full = score_batch(model, everything, tok, 1)
+    ratios = truth_ratio(full["true_logp"], full["true_n"], full["pert_logp"], full["pert_n"])
+    kept = [p for p, r in zip(pool, ratios.tolist(), strict=True) if r < 0.98][:12]
+    assert len(kept) == 12
+    data = {
+        "forget": splits.forget,
+        "holdout": splits.holdout,
+        "retain": kept[:4],
+        "real_authors": kept[4:8],
+        "world_facts": kept[8:12],
+    }
+    ev = UnlearningEvaluator(privleak_reference_auc=0.4)
+    ref: dict[str, dict[str, list]] = {}
+    for split, pairs in data.items():
+        ds = FactsEvalDataset(pairs, tok, split, 64)
+        r = ref.setdefault(
+            split, {k: [] for k in ("em", "min_k", "mkpp", "zlib", "ref", "gn", "loss", "tr", "np")}
+        )
+        for rows in ((0, 1), (2, 3)):  # two updates per split: the metrics must accumulate
+            batch = torch.utils.data.default_collate([ds[i] for i in rows])
+            mia_split = split in ("forget", "holdout")
+            scores = score_batch(
+                model, batch, tok, 2, reference=other if mia_split else None, gradnorm=mia_split
+            )
+            if not mia_split:  # a random model generates nothing right: half-right generations, ROUGE-L > 0
+                scores["generations"] = [" ".join(a.split()[::2]) for a in scores["answers"]]
+                scores["rouge"] = torch.full((len(rows),), 0.5)
+            ev.update(split, scores)
+            with torch.no_grad():
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                ref_logits = other(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                ).logits
+                tl = model(
+                    input_ids=batch["true_input_ids"], attention_mask=batch["true_attention_mask"]
+                ).logits
+                b, k, t = batch["pert_input_ids"].shape
+                pl = model(
+                    input_ids=batch["pert_input_ids"].reshape(b * k, t),
+                    attention_mask=batch["pert_attention_mask"].reshape(b * k, t),
+                ).logits
+            labels = batch["labels"]
+            tok_lp, voc_lp, _ = ou_tokenwise(logits, batch["input_ids"], labels)
+            r["em"] += ou_em_es(logits, batch["input_ids"], labels)[0]
+            r["min_k"] += [ou_min_k(x, 0.4) for x in tok_lp]
+            r["mkpp"] += [ou_min_k_pp(x, v, 0.4) for x, v in zip(tok_lp, voc_lp, strict=True)]
+            loss = ou_avg_loss(logits, labels)
+            texts = [tok.decode(row[row != -100].tolist(), skip_special_tokens=True) for row in labels]
+            r["zlib"] += [
+                float(x) / len(zlib.compress(s.encode("utf-8"))) for x, s in zip(loss, texts, strict=True)
+            ]
+            r["ref"] += (loss - ou_avg_loss(ref_logits, labels)).tolist()
+            r["loss"] += loss.tolist()
+            true_loss = ou_avg_loss(tl, batch["true_labels"]).numpy()
+            pert_loss = ou_avg_loss(pl, batch["pert_labels"].reshape(b * k, t)).reshape(b, k).numpy()
+            r["tr"] += ou_truth_ratio(true_loss, pert_loss).tolist()
+            correct, wrong = np.exp(-true_loss), np.exp(-pert_loss).sum(-1)  # probability_w_options
+            r["np"] += (correct / (correct + wrong + 1e-10)).tolist()
+            if mia_split:
+                r["gn"] += gradnorm_scores(model, batch).tolist()
+            r.setdefault("rouge", []).extend(scores["rouge"].tolist())
+    out = ev.compute()
+    members = [0] * len(ref["forget"]["loss"]) + [1] * len(ref["holdout"]["loss"])
+    for key, attack in (
+        ("min_k", "min_k"),
+        ("mkpp", "min_k_plus_plus"),
+        ("zlib", "zlib"),
+        ("ref", "reference"),
+        ("gn", "gradnorm"),
+        ("loss", "auc"),
+    ):
+        want = roc_auc_score(members, ref["forget"][key] + ref["holdout"][key])
+        assert out[f"mia_{attack}"] == pytest.approx(want, abs=1e-6), attack
+    assert out["privleak"] == pytest.approx(((1 - out["mia_min_k"]) - 0.6) / 0.6 * 100, rel=1e-6)
+    assert out["forget/exact_memorization"] == pytest.approx(np.mean(ref["forget"]["em"]), abs=1e-6)
+    assert out["forget/truth_score"] == pytest.approx(
+        np.mean(np.minimum(ref["forget"]["tr"], 1 / np.array(ref["forget"]["tr"]))), rel=1e-5
+    )
+    parts = []
+    for split in ("retain", "real_authors", "world_facts"):
+        truth = np.mean(np.maximum(0, 1 - np.array(ref[split]["tr"])))
+        assert out[f"{split}/truth_score"] == pytest.approx(truth, rel=1e-5, abs=1e-7)
+        prob = (
+            np.mean(np.exp(-np.array(ref[split]["loss"]))) if split == "retain" else np.mean(ref[split]["np"])
+        )
+        parts += [prob, out[f"{split}/rougeL"], truth]
+    assert min(parts) > 0 and len(parts) == 9
+    assert out["tofu_model_utility"] == pytest.approx(hmean(parts), rel=1e-5)
+    three = hmean([parts[0], float(np.mean(ref["retain"]["rouge"])), parts[2]])
+    assert out["model_utility"] == pytest.approx(three, rel=1e-5)  # the retain-only 3-way mean
+    assert abs(out["model_utility"] - out["tofu_model_utility"]) > 1e-3
+    ev.reset()
+    ev.update("forget", scores)
+    assert "mia_min_k" not in ev.compute() and "tofu_model_utility" not in ev.compute()

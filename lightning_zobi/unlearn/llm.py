@@ -237,7 +237,9 @@ def rmu_token_mask(batch: Mapping[str, Tensor], tokens: str = "answer", prefix: 
     raise ValueError(f"rmu_tokens={tokens!r} is invalid: choose one of {RMU_TOKENS}.")
 
 
-def rmu_activation_loss(hidden: Tensor, target: Tensor, batch: Mapping[str, Tensor], tokens: str = "answer") -> Tensor:
+def rmu_activation_loss(
+    hidden: Tensor, target: Tensor, batch: Mapping[str, Tensor], tokens: str = "answer"
+) -> Tensor:
     """RMU's squared error between layer activations and their target, averaged as ``tokens`` says.
 
     ``"answer"``: per sample over its answer tokens, then over samples (open-unlearning);

@@ -15,20 +15,42 @@ arXiv 2401.06121), computed per split (forget / retain / hold-out):
   High (→ 1): the unlearned model is indistinguishable from never having seen the forget set;
   both under- and over-unlearning lower it.
 * :class:`ModelUtility`: harmonic mean of answer probability, ROUGE-L recall and truth-ratio score
-  ``max(0, 1 - R)`` on retain data (TOFU aggregates the same three; it adds real-world sets we do
-  not have offline).
+  ``max(0, 1 - R)`` on retain data: the *retain* third of TOFU's model utility, logged as
+  ``model_utility`` (a name kept for the code that reads it; the README's name table says what it
+  is). TOFU's own model utility is the harmonic mean of nine values: those three on retain, and on
+  the real-authors and world-facts sets the normalized probability
+  (:func:`~lightning_zobi.unlearn.memorization.normalized_probability`), ROUGE-L recall and
+  ``max(0, 1 - R)`` (open-unlearning ``configs/eval/tofu_metrics/model_utility.yaml``,
+  ``hm_aggregate``). The evaluator logs it as ``tofu_model_utility`` whenever it saw those two
+  sets (:class:`~lightning_zobi.lightning.datamodules.tofu.TOFUDataModule` loads them).
 * :class:`LossMIA`: loss-based membership inference ("Privacy Risk in Machine Learning: Analyzing the
   Connection to Overfitting", Yeom et al., CSF 2018, arXiv 1709.01604) as torchmetrics'
   ``BinaryAUROC`` of the score ``-loss`` for forget (members, label 1) vs hold-out (label 0)
   questions: 1.0 right after learning, ≈ 0.5 when the forget set looks unseen, < 0.5 when it is
-  *more* surprising than unseen text (over-unlearning).
+  *more* surprising than unseen text (over-unlearning). The other attacks of
+  :mod:`lightning_zobi.unlearn.mia` accumulate the same way (:class:`~lightning_zobi.unlearn.mia.MembershipAUC`):
+  min-k %, min-k %++ and zlib on every evaluation batch (one forward serves them all); the
+  reference-model attack when :func:`score_batch` gets ``reference=``; grad-norm (a backward per
+  sample) only when asked, ``gradnorm=True``. ``privleak`` is MUSE's score of the min-k % AUC.
+* Token-level **exact memorization** and **extraction strength**
+  (:mod:`lightning_zobi.unlearn.memorization`), teacher-forced on the answer tokens, per split.
+  They are not :class:`ExactMatch`, which compares a greedy generation with the answer string
+  (the ``<split>/em`` keys).
 
 :class:`UnlearningEvaluator` holds them all per split; :func:`score_batch` computes one batch's
 per-sample statistics from a model (forwards plus a greedy ``generate``); :func:`evaluate_model`
-runs the whole evaluation in plain PyTorch.
+runs the whole evaluation in plain PyTorch. :mod:`lightning_zobi.unlearn.names` maps the keys to
+open-unlearning's metric names.
+
+Generation budget: ``max_new_tokens`` (:func:`score_batch`, :func:`evaluate_model`,
+``UnlearningModule(max_new_tokens=...)``) defaults to 32 new tokens, where TOFU / open-unlearning
+generate up to 200 (``configs/generation/default.yaml``). 32 covers the package's short fictitious
+answers and keeps CPU evaluation cheap; a generation cut short can only lower ROUGE-L recall and
+exact match, so pass 200 to compare with published TOFU numbers (TOFU answers run to ~60 words).
 
 Memory: per-sample scalars (a few floats per QA pair); the model forward of one batch (with its
-``k`` perturbed answers: ``k + 2`` forwards) and one greedy generation.
+``k`` perturbed answers: ``k + 2`` forwards), one log-softmax over its logits for the MIAs, and one
+greedy generation; ``gradnorm=True`` adds one backward per sample (gradients of every parameter).
 """
 
 from __future__ import annotations
@@ -42,15 +64,34 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchmetrics import Metric
 from torchmetrics.aggregation import MeanMetric
-from torchmetrics.classification import BinaryAUROC
 from torchmetrics.functional.text import rouge_score
 from torchmetrics.text import ROUGEScore
 from torchmetrics.utilities.data import dim_zero_cat
 
 from lightning_zobi.data.facts import FactsEvalDataset, FactsSplits
 from lightning_zobi.unlearn.llm import answer_logprobs
+from lightning_zobi.unlearn.memorization import (
+    exact_memorization,
+    extraction_strength,
+    normalized_probability,
+)
+from lightning_zobi.unlearn.mia import (
+    MembershipAUC,
+    average_loss,
+    gradnorm_scores,
+    logit_mia_scores,
+    privleak,
+    scored_texts,
+)
 
 SPLITS = ("forget", "retain", "holdout")
+WORLD_SPLITS = ("real_authors", "world_facts")
+"""TOFU's world-knowledge sets: with retain, the three sets of its 9-way model utility."""
+EVAL_SPLITS = SPLITS + WORLD_SPLITS
+LOGIT_ATTACKS = ("min_k", "min_k_plus_plus", "zlib")
+"""MIAs scored on every evaluation batch (they need only the logits of the answer forward)."""
+OPTIONAL_ATTACKS = ("reference", "gradnorm")
+"""MIAs scored when :func:`score_batch` is asked (a reference model; a backward per sample)."""
 
 
 # ---------------------------------------------------------------------------- metrics
@@ -188,17 +229,13 @@ class ModelUtility(Metric):
         return len(parts) / (1 / parts).sum()
 
 
-class LossMIA(BinaryAUROC):
+class LossMIA(MembershipAUC):
     """Loss-based membership-inference AUC: ``BinaryAUROC`` of ``-loss`` with members labelled 1.
 
     ``update(losses, members)``: per-sample losses ``(B,)`` and a bool/int tensor ``(B,)`` or a
-    Python bool for the whole batch.
+    Python bool for the whole batch (:class:`~lightning_zobi.unlearn.mia.MembershipAUC` with the
+    loss as the score).
     """
-
-    def update(self, losses: Tensor, members: Tensor | bool) -> None:  # type: ignore[override]
-        if isinstance(members, bool):
-            members = torch.full_like(losses, int(members), dtype=torch.long)
-        super().update(-losses.float(), members.long())
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -254,25 +291,49 @@ def score_batch(
     tokenizer: Any,
     max_new_tokens: int = 32,
     use_stemmer: bool = True,
+    mia_k: float = 0.4,
+    reference: nn.Module | None = None,
+    gradnorm: bool = False,
 ) -> dict[str, Any]:
     """Per-sample statistics of ``model`` on a :class:`~lightning_zobi.data.facts.FactsEvalDataset` batch.
 
-    Returns ``nll`` (per-token NLL of the answer, the MIA loss), ``logp``/``n`` (answer), ``true_logp``/
-    ``true_n`` and ``pert_logp``/``pert_n`` (truth-ratio question), ``generations`` (greedy, decoded)
-    and ``rouge`` (per-sample ROUGE-L recall, Porter-stemmed as TOFU unless ``use_stemmer=False``).
-    ``max_new_tokens``: the generation budget (the TOFU reference generates up to 200 tokens; 32
-    keeps CPU evaluation of the package's short fictitious answers cheap). The model is put in eval
-    mode for the call.
+    Returns ``nll`` (per-token NLL of the answer, the loss MIA's score), ``logp``/``n`` (answer),
+    ``true_logp``/``true_n`` and ``pert_logp``/``pert_n`` (truth-ratio question), ``generations``
+    (greedy, decoded), ``rouge`` (per-sample ROUGE-L recall, Porter-stemmed as TOFU unless
+    ``use_stemmer=False``), ``token_em`` and ``extraction_strength`` (teacher-forced, answer tokens)
+    and the membership scores ``mia/min_k``, ``mia/min_k_plus_plus``, ``mia/zlib`` (``k = mia_k``,
+    open-unlearning's 0.4), plus ``mia/reference`` with a ``reference`` model and ``mia/gradnorm``
+    with ``gradnorm=True`` (one backward per sample; the model's ``.grad`` are overwritten and
+    zeroed: not inside a training step). ``max_new_tokens``: the generation budget (the TOFU
+    reference generates up to 200 tokens; 32 keeps CPU evaluation of the package's short
+    fictitious answers cheap). The model is put in eval mode for the call.
     """
+    if max_new_tokens < 1:
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens!r} is invalid: generate at least 1 token (TOFU: 200)."
+        )
     was_training = model.training
     model.eval()
     try:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logp, n = answer_logprobs(logits, batch["labels"])
+        labels = batch["labels"]
+        logp, n = answer_logprobs(logits, labels)
         true_logp, true_n, pert_logp, pert_n = truth_ratio_logprobs(model, batch)
         generations = generate_answers(
             model, batch["prompt_ids"], batch["prompt_mask"], tokenizer, max_new_tokens
         )
+        attacks = logit_mia_scores(logits, labels, scored_texts(labels, tokenizer), mia_k)
+        mia = {f"mia/{a}": attacks[a] for a in LOGIT_ATTACKS}
+        if reference is not None:
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            ref_logits = reference(**inputs).logits
+            mia["mia/reference"] = attacks["loss"] - average_loss(ref_logits, labels)
+        if gradnorm:
+            mia["mia/gradnorm"] = gradnorm_scores(model, batch)
+        memorization = {
+            "token_em": exact_memorization(logits, labels),
+            "extraction_strength": extraction_strength(logits, labels),
+        }
     finally:
         model.train(was_training)
     answers = list(batch["answer"])
@@ -293,6 +354,8 @@ def score_batch(
         "generations": generations,
         "answers": answers,
         "rouge": rouge.to(logp.device),
+        **memorization,
+        **mia,
     }
 
 
@@ -319,36 +382,62 @@ def generate_answers(
 class UnlearningEvaluator(nn.Module):
     """All unlearning metrics per split, fed by :func:`score_batch` outputs.
 
-    ``update(split, scores)`` for ``split`` in ``("forget", "retain", "holdout")``; ``compute()``
-    returns a flat dict: ``<split>/prob``, ``<split>/em``, ``<split>/rougeL``, ``<split>/truth_ratio``
-    (mean R), ``forget/truth_score`` (mean min(R, 1/R)), ``model_utility`` (retain), ``mia_auc``
-    (forget vs hold-out, when both were seen) and ``forget_quality`` (when ``reference_ratios`` is set).
+    ``update(split, scores)`` for ``split`` in :data:`EVAL_SPLITS` (``forget``, ``retain``,
+    ``holdout``, and TOFU's ``real_authors`` / ``world_facts``); ``compute()`` returns a flat dict:
+
+    * per split: ``<split>/prob``, ``<split>/em`` (generation exact match), ``<split>/rougeL``,
+      ``<split>/truth_ratio`` (mean R), and from :func:`score_batch`'s teacher-forced statistics
+      ``<split>/exact_memorization`` and ``<split>/extraction_strength``;
+    * ``<split>/truth_score``: ``mean min(R, 1/R)`` on forget (TOFU's forget truth ratio), ``mean
+      max(0, 1 - R)`` on retain / real authors / world facts (TOFU's truth ratio there);
+      ``<split>/prob_normalised`` on real authors / world facts;
+    * ``model_utility``: the 3-way retain harmonic mean (:class:`ModelUtility`); ``tofu_model_utility``:
+      TOFU's 9-way one, once retain, real authors and world facts were all seen;
+    * ``mia_auc`` (loss attack) and ``mia_<attack>`` for every attack of :data:`LOGIT_ATTACKS` /
+      :data:`OPTIONAL_ATTACKS` scored on both forget and hold-out; ``privleak`` from ``mia_min_k``;
+    * ``forget_quality`` when ``reference_ratios`` is set.
+
+    :mod:`lightning_zobi.unlearn.names` maps these keys to open-unlearning's names.
 
     Args:
         reference_ratios: forget-set truth ratios of a retain-only model (enables ``forget_quality``).
+        privleak_reference_auc: the retain-only model's min-k % AUC for ``privleak`` (open-unlearning's
+            default without retain-model logs: 0.5).
     """
 
-    def __init__(self, reference_ratios: Tensor | Sequence[float] | None = None) -> None:
+    def __init__(
+        self,
+        reference_ratios: Tensor | Sequence[float] | None = None,
+        privleak_reference_auc: float = 0.5,
+    ) -> None:
         super().__init__()
-        self.split_metrics = nn.ModuleDict(
-            {
-                split: nn.ModuleDict(
-                    {
-                        "prob": MeanMetric(),
-                        "em": ExactMatch(),
-                        "rougeL": RougeLRecall(),
-                        "truth_ratio": TruthRatio(reduction="none"),
-                    }
-                )
-                for split in SPLITS
-            }
-        )
+        if not 0.0 <= privleak_reference_auc < 1.0:
+            raise ValueError(
+                f"privleak_reference_auc={privleak_reference_auc!r} is invalid: an AUC in [0, 1) (0.5 without a retain model)."
+            )
+        self.split_metrics = nn.ModuleDict({split: self._split_metrics(split) for split in EVAL_SPLITS})
         self.utility = ModelUtility()
         self.mia = LossMIA()
+        self.mias = nn.ModuleDict({a: MembershipAUC() for a in LOGIT_ATTACKS + OPTIONAL_ATTACKS})
+        self.privleak_reference_auc = privleak_reference_auc
         self.reference_ratios: Tensor | None = None
         if reference_ratios is not None:
             self.set_reference(reference_ratios)
-        self._seen: set[str] = set()
+        self._seen: dict[str, set[str]] = {}
+
+    @staticmethod
+    def _split_metrics(split: str) -> nn.ModuleDict:
+        metrics = {
+            "prob": MeanMetric(),
+            "em": ExactMatch(),
+            "rougeL": RougeLRecall(),
+            "truth_ratio": TruthRatio(reduction="none"),
+            "exact_memorization": MeanMetric(nan_strategy="ignore"),  # NaN: a row with no answer token
+            "extraction_strength": MeanMetric(),
+        }
+        if split in WORLD_SPLITS:
+            metrics["prob_normalised"] = MeanMetric()
+        return nn.ModuleDict(metrics)
 
     def set_reference(self, reference_ratios: Tensor | Sequence[float]) -> None:
         """Enable ``forget_quality`` against these retain-only forget-set truth ratios (may come after updates)."""
@@ -358,20 +447,30 @@ class UnlearningEvaluator(nn.Module):
         self.reference_ratios = reference
 
     def update(self, split: str, scores: Mapping[str, Any]) -> None:
-        if split not in SPLITS:
-            raise ValueError(f"split={split!r} is invalid: choose one of {SPLITS}.")
-        self._seen.add(split)
+        if split not in EVAL_SPLITS:
+            raise ValueError(f"split={split!r} is invalid: choose one of {EVAL_SPLITS}.")
+        seen = self._seen.setdefault(split, set())
         m = self.split_metrics[split]
         prob = per_token_probability(scores["logp"], scores["n"])
-        ratio = truth_ratio(scores["true_logp"], scores["true_n"], scores["pert_logp"], scores["pert_n"])
+        ratio_args = (scores["true_logp"], scores["true_n"], scores["pert_logp"], scores["pert_n"])
         m["prob"].update(prob)
         m["em"].update(scores["generations"], scores["answers"])
         m["rougeL"].update(scores["generations"], scores["answers"])
-        m["truth_ratio"].update(scores["true_logp"], scores["true_n"], scores["pert_logp"], scores["pert_n"])
+        m["truth_ratio"].update(*ratio_args)
+        for key, name in (("token_em", "exact_memorization"), ("extraction_strength", "extraction_strength")):
+            if key in scores:
+                m[name].update(scores[key])
+                seen.add(name)
+        if split in WORLD_SPLITS:
+            m["prob_normalised"].update(normalized_probability(*ratio_args))
         if split == "retain":
-            self.utility.update(prob, scores["rouge"], ratio)
+            self.utility.update(prob, scores["rouge"], truth_ratio(*ratio_args))
         if split in ("forget", "holdout"):
             self.mia.update(scores["nll"], split == "forget")
+            for attack, metric in self.mias.items():
+                if f"mia/{attack}" in scores:
+                    metric.update(scores[f"mia/{attack}"], split == "forget")
+                    seen.add(f"mia/{attack}")
 
     def truth_ratios(self, split: str = "forget") -> Tensor:
         """Per-sample truth ratios seen on ``split`` (the reference for a later ``forget_quality``)."""
@@ -379,21 +478,35 @@ class UnlearningEvaluator(nn.Module):
 
     def compute(self) -> dict[str, float]:
         out: dict[str, float] = {}
-        for split in SPLITS:
+        for split in EVAL_SPLITS:
             if split not in self._seen:
                 continue
-            m = self.split_metrics[split]
+            m, seen = self.split_metrics[split], self._seen[split]
             ratios = m["truth_ratio"].values()
             out[f"{split}/prob"] = float(m["prob"].compute())
             out[f"{split}/em"] = float(m["em"].compute())
             out[f"{split}/rougeL"] = float(m["rougeL"].compute())
             out[f"{split}/truth_ratio"] = float(ratios.mean())
+            for name in ("exact_memorization", "extraction_strength"):
+                if name in seen:
+                    out[f"{split}/{name}"] = float(m[name].compute())
             if split == "forget":
                 out["forget/truth_score"] = float(torch.minimum(ratios, 1 / ratios).mean())
+            elif split != "holdout":
+                out[f"{split}/truth_score"] = float((1 - ratios).clamp_min(0).mean())
+            if split in WORLD_SPLITS:
+                out[f"{split}/prob_normalised"] = float(m["prob_normalised"].compute())
         if "retain" in self._seen:
             out["model_utility"] = float(self.utility.compute())
-        if {"forget", "holdout"} <= self._seen:
+        if {"retain", *WORLD_SPLITS} <= set(self._seen):
+            out["tofu_model_utility"] = harmonic_mean([out[key] for key in tofu_utility_keys()])
+        if {"forget", "holdout"} <= set(self._seen):
             out["mia_auc"] = float(self.mia.compute())
+            for attack, metric in self.mias.items():
+                if all(f"mia/{attack}" in self._seen[s] for s in ("forget", "holdout")):
+                    out[f"mia_{attack}"] = float(metric.compute())
+            if "mia_min_k" in out:
+                out["privleak"] = privleak(out["mia_min_k"], self.privleak_reference_auc)
         if self.reference_ratios is not None and "forget" in self._seen:
             out["forget_quality"] = ks_pvalue(self.truth_ratios("forget"), self.reference_ratios)
         return out
@@ -404,7 +517,26 @@ class UnlearningEvaluator(nn.Module):
                 metric.reset()
         self.utility.reset()
         self.mia.reset()
+        for metric in self.mias.values():
+            metric.reset()
         self._seen.clear()
+
+
+def tofu_utility_keys() -> list[str]:
+    """The nine evaluator keys of TOFU's model utility, in open-unlearning's order (``model_utility.yaml``)."""
+    keys = ["retain/prob", "retain/rougeL", "retain/truth_score"]
+    for split in WORLD_SPLITS:
+        keys += [f"{split}/prob_normalised", f"{split}/rougeL", f"{split}/truth_score"]
+    return keys
+
+
+def harmonic_mean(values: Sequence[float]) -> float:
+    """Harmonic mean of non-negative values, 0 if any is 0 (``scipy.stats.hmean``, open-unlearning's ``hm_aggregate``)."""
+    if not values or any(v < 0 for v in values):
+        raise ValueError(f"harmonic_mean needs non-negative values, got {list(values)}.")
+    if any(v == 0 for v in values):
+        return 0.0
+    return len(values) / sum(1.0 / v for v in values)
 
 
 def evaluation_loaders(
@@ -436,11 +568,14 @@ def evaluate_model(
     max_new_tokens: int = 32,
     truth_ratio_question: str = "original",
     retain_limit: int | None = None,
+    mia_reference: nn.Module | None = None,
+    gradnorm: bool = False,
 ) -> tuple[dict[str, float], Tensor]:
     """Evaluate ``model`` on every split in plain PyTorch: ``(metrics, forget-set truth ratios)``.
 
     Pass the second value of a retain-only model's call as ``reference_ratios`` of later calls to
-    get ``forget_quality``.
+    get ``forget_quality``. ``mia_reference`` (a model trained without the forget set) adds
+    ``mia_reference``; ``gradnorm=True`` adds ``mia_gradnorm`` (a backward per sample).
     """
     device = next(model.parameters()).device
     evaluator = UnlearningEvaluator(reference_ratios).to(device)  # its torchmetrics states live with the scores
@@ -450,5 +585,8 @@ def evaluate_model(
     for split, loader in loaders.items():
         for batch in loader:
             batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-            evaluator.update(split, score_batch(model, batch, tokenizer, max_new_tokens))
+            scores = score_batch(
+                model, batch, tokenizer, max_new_tokens, reference=mia_reference, gradnorm=gradnorm
+            )
+            evaluator.update(split, scores)
     return evaluator.compute(), evaluator.truth_ratios("forget")

@@ -37,8 +37,10 @@ grad-norm runs one backward per sample (the model's gradients are overwritten an
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -67,17 +69,27 @@ def labelled_positions(labels: Tensor, drop_last: bool = True) -> list[Tensor]:
 
 def token_logprobs(logits: Tensor, labels: Tensor, drop_last: bool = True) -> list[Tensor]:
     """Per row, ``log p(x_t | x_<t)`` of the scored labelled tokens (a list of ``(n_i,)`` tensors)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    out = []
-    for i, pos in enumerate(labelled_positions(labels, drop_last)):
-        out.append(logp[i, pos - 1].gather(-1, labels[i, pos].unsqueeze(-1)).squeeze(-1))
-    return out
+    return [t for t, _ in _scored_logprobs(logits, labels, drop_last)]
 
 
 def vocab_logprobs(logits: Tensor, labels: Tensor, drop_last: bool = True) -> list[Tensor]:
     """Per row, the full next-token log-distribution at each scored position (``(n_i, V)`` tensors)."""
+    return [v for _, v in _scored_logprobs(logits, labels, drop_last)]
+
+
+def _scored_logprobs(logits: Tensor, labels: Tensor, drop_last: bool = True) -> list[tuple[Tensor, Tensor]]:
+    """Per row, (token log-probabilities ``(n_i,)``, vocabulary log-distributions ``(n_i, V)``), one log-softmax."""
     logp = torch.log_softmax(logits.float(), dim=-1)
-    return [logp[i, pos - 1] for i, pos in enumerate(labelled_positions(labels, drop_last))]
+    out = []
+    for i, pos in enumerate(labelled_positions(labels, drop_last)):
+        vocab = logp[i, pos - 1]
+        out.append((vocab.gather(-1, labels[i, pos].unsqueeze(-1)).squeeze(-1), vocab))
+    return out
+
+
+def scored_texts(labels: Tensor, tokenizer: Any) -> list[str]:
+    """The labelled tokens of each row decoded with special tokens skipped (open-unlearning's zlib text)."""
+    return [tokenizer.decode(row[row != -100].tolist(), skip_special_tokens=True) for row in labels]
 
 
 def average_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -157,6 +169,26 @@ def gradnorm_scores(model: nn.Module, batch: Mapping[str, Tensor], p: float = 2.
     return torch.stack(scores)
 
 
+def logit_mia_scores(
+    logits: Tensor, labels: Tensor, texts: Sequence[str], k: float = 0.4
+) -> dict[str, Tensor]:
+    """The attacks that need only the model's logits, from one forward: ``{attack: (B,) scores}``.
+
+    ``loss``, ``min_k``, ``min_k_plus_plus`` and ``zlib`` (``texts``: the scored text of each row,
+    :func:`scored_texts`). What :class:`~lightning_zobi.unlearn.metrics.UnlearningEvaluator`
+    accumulates for every evaluation batch; one log-softmax over the logits.
+    """
+    scored = _scored_logprobs(logits, labels)
+    token_lp = [t for t, _ in scored]
+    avg = average_loss(logits, labels)
+    return {
+        "loss": avg,
+        "min_k": min_k_scores(token_lp, k),
+        "min_k_plus_plus": min_k_plus_plus_scores(token_lp, [v for _, v in scored], k),
+        "zlib": zlib_scores(avg, texts).to(avg.dtype),
+    }
+
+
 @torch.no_grad()
 def mia_scores(
     model: nn.Module,
@@ -182,7 +214,8 @@ def mia_scores(
     if attack == "min_k":
         return min_k_scores(token_logprobs(logits, labels), k)
     if attack == "min_k_plus_plus":
-        return min_k_plus_plus_scores(token_logprobs(logits, labels), vocab_logprobs(logits, labels), k)
+        scored = _scored_logprobs(logits, labels)
+        return min_k_plus_plus_scores([t for t, _ in scored], [v for _, v in scored], k)
     if attack == "zlib":
         if texts is None:
             raise ValueError("attack='zlib' needs texts=<the scored text of each row>.")
@@ -204,7 +237,19 @@ class MembershipAUC(BinaryAUROC):
     def update(self, scores: Tensor, members: Tensor | bool) -> None:  # type: ignore[override]
         if isinstance(members, bool):
             members = torch.full(scores.shape, int(members), dtype=torch.long, device=scores.device)
-        super().update(-scores.float(), members.long())
+        super().update(_as_probability(-scores), members.long())
+
+
+def _as_probability(x: Tensor) -> Tensor:
+    """A strictly increasing map of ``x`` into (0, 1), in float64 (an AUC depends only on the order).
+
+    ``BinaryAUROC`` applies a sigmoid to a batch only when some value of that batch lies outside
+    [0, 1]: signed scores (the reference attack's loss difference) would be squashed in one
+    ``update`` and not in the next, and the AUC would compare unlike values. Mapping every batch
+    the same way first avoids that; ``atan`` keeps scores up to ~1e15 apart in float64, where a
+    sigmoid ties everything above ~37.
+    """
+    return 0.5 + torch.atan(x.double()) / math.pi
 
 
 def privleak(auc: float, reference_auc: float = 0.5) -> float:
