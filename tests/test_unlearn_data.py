@@ -95,7 +95,18 @@ def test_tofu_batches_are_the_unlearning_modules_batches():
     ref_batch, _, _ = next(iter(ref.train_dataloader()))
     assert _shapes(batch) == _shapes(ref_batch)
     val = dm.val_dataloader()
-    assert [next(iter(loader))["split"][0] for loader in val] == ["forget", "retain", "holdout"]
+    assert [next(iter(loader))["split"][0] for loader in val] == [
+        "forget",
+        "retain",
+        "holdout",
+        "real_authors",
+        "world_facts",
+    ]
+    # the world sets score the answer itself against the perturbed ones (TOFU's ra/wf truth ratio)
+    ra = val[3].dataset[0]
+    assert torch.equal(ra["true_input_ids"], ra["input_ids"]) and ra["pert_input_ids"].shape[0] == 3
+    short = TOFUDataModule(FIX / "tofu", "forget01", world_sets=False, max_length=64)
+    assert [ds.split for ds in short.eval_datasets()] == ["forget", "retain", "holdout"]
     ref_item = ref.val_dataloader()[0].dataset[0]
     item = val[0].dataset[0]
     assert set(item) == set(ref_item)
@@ -135,3 +146,54 @@ def test_unlearning_module_fits_and_validates_on_tofu_fixture(tmp_path):
     metrics = trainer.validate(module, dm, verbose=False)
     logged = {k.split("/", 1)[1] for d in metrics for k in d}
     assert {"forget/prob", "retain/truth_ratio", "model_utility", "mia_auc"} <= logged
+
+
+def test_zobi_fit_on_tofu_fixture_prints_open_unlearning_names(tmp_path, caplog):
+    """Issue 17 acceptance: the TOFU recipe runs on the shipped fixture and reports open-unlearning's names."""
+    import logging
+
+    from lightning_zobi.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    with caplog.at_level(logging.INFO):
+        main(
+            [
+                "fit",
+                "--config",
+                str(root / "recipes" / "llm" / "tofu" / "npo.yaml"),
+                "--data.path",
+                str(FIX / "tofu"),
+                "--data.forget_split",
+                "forget01",
+                "--model.max_new_tokens=4",
+                "--trainer.max_epochs=1",
+                "--trainer.check_val_every_n_epoch=1",
+                f"--trainer.default_root_dir={tmp_path}",
+                "--trainer.enable_progress_bar=false",
+                "--report.plots=false",
+            ]
+        )
+    summary = json.loads(next(tmp_path.rglob("summary.json")).read_text())
+    named = summary["open_unlearning"]
+    tofu_names = {
+        "forget_Q_A_Prob",
+        "forget_Q_A_ROUGE",
+        "forget_Truth_Ratio",
+        "model_utility",
+        "privleak",
+        "extraction_strength",
+        "exact_memorization",
+        "mia_loss",
+        "mia_min_k",
+        "mia_min_k_plus_plus",
+        "mia_zlib",
+        "ra_Q_A_Prob_normalised",
+        "wf_Truth_Ratio",
+    }
+    assert tofu_names <= set(named)
+    # open-unlearning's model_utility is our 9-way tofu_model_utility, not the 3-way model_utility
+    assert named["model_utility"] == summary["metrics"]["val/tofu_model_utility"]["end"]
+    printed = caplog.text
+    assert "open-unlearning's names" in printed
+    for name in ("forget_Q_A_Prob", "forget_Truth_Ratio", "model_utility", "privleak"):
+        assert f"    {name} " in printed

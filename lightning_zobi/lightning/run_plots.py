@@ -20,8 +20,8 @@ Series = dict[str, list[tuple[int, float]]]
 """metric name -> [(step, value), ...] sorted by step."""
 
 SUMMARY_FILE = "summary.json"
-UNLEARN_WORDS = ("forget", "retain", "holdout")
-UNLEARN_EXTRA = ("mia_auc", "model_utility")
+UNLEARN_WORDS = ("forget", "retain", "holdout", "real_authors", "world_facts")
+UNLEARN_EXTRA = ("mia_", "model_utility", "privleak")
 """Unlearning metrics whose name says neither forget nor retain (membership inference, model utility)."""
 _VERSION = re.compile(r"version_(\d+)$")
 

@@ -4,7 +4,8 @@ At the end of ``fit`` the callback reads the metrics every CSV logger of the run
 (``<run>/logs/version_*/metrics.csv``, stitched across resumes: a later version replaces the
 earlier ones from the step it starts at) and writes into the run folder
 
-* ``summary.json`` (and the same, printed): each logged metric from its first to its last value,
+* ``summary.json`` (and the same, printed): each logged metric from its first to its last value
+  (and the unlearning metrics once more under open-unlearning's names, ``open_unlearning``),
   the steps run (start → end: a resumed run starts at its checkpoint's step), training forward
   passes of the module's model, ZO non-finite skips, seconds per training step, peak memory, the
   checkpoints written;
@@ -51,6 +52,7 @@ from lightning_zobi.lightning.run_plots import (
     plot_series,
     read_metrics,
 )
+from lightning_zobi.unlearn.names import open_unlearning_view
 
 
 def _fmt(value: Any) -> str:
@@ -92,6 +94,11 @@ def format_summary(summary: Mapping[str, Any]) -> str:
             lines.append(
                 f"    {key:<{width}}  {_fmt(r['start'])} -> {_fmt(r['end'])}  (steps {r['start_step']}..{r['end_step']})"
             )
+    named = summary.get("open_unlearning")
+    if named:
+        width = max(len(k) for k in named)
+        lines.append("  unlearning metrics under open-unlearning's names (last logged; lightning_zobi.unlearn.names):")
+        lines += [f"    {name:<{width}}  {_fmt(value)}" for name, value in named.items()]
     if summary.get("plots"):
         lines.append("  plots            " + ", ".join(summary["plots"]))
     return "\n".join(lines)
@@ -290,6 +297,9 @@ class RunReport(Callback):
             "metrics_source": "csv" if series else "callback_metrics",
             "metrics": metrics,
         }
+        named = open_unlearning_view({k: r["end"] for k, r in metrics.items()})
+        if named:
+            summary["open_unlearning"] = named
         return summary
 
 

@@ -37,7 +37,11 @@ class TOFUDataModule(pl.LightningDataModule):
       answer; truth ratio of the paraphrased answer against the perturbed answers, as TOFU;
     * ``retain`` evaluation: ``retain_perturbed`` (optionally cut to ``eval_retain_size`` rows);
     * ``holdout`` evaluation: ``holdout01/05/10``, the never-trained members-test set of the MIA
-      (it has no wrong answers: its ``truth_ratio`` is 1 by construction, ignore it).
+      (it has no wrong answers: its ``truth_ratio`` is 1 by construction, ignore it);
+    * ``real_authors`` / ``world_facts`` evaluation (``world_sets=True``): ``real_authors_perturbed``
+      and ``world_facts_perturbed``, the world-knowledge two thirds of TOFU's 9-way model utility
+      (the evaluator logs it as ``tofu_model_utility``); their truth ratio scores the answer itself
+      against the perturbed ones.
 
     Args:
         path: the hub id ``"locuslab/TOFU"`` or a local directory with its files (``<config>.json``).
@@ -49,6 +53,8 @@ class TOFUDataModule(pl.LightningDataModule):
         max_length: padded sequence length (TOFU answers run to ~100 words: 256 byte tokens cut the
             longest ones; raise it with a subword tokenizer's budget in mind).
         truth_ratio_question: "original" or "paraphrased" question for the truth ratio.
+        world_sets: also evaluate on real authors and world facts (TOFU's model utility needs them;
+            False evaluates forget / retain / hold-out only, a little faster).
         mode: ``CombinedLoader`` mode.
         seed: picks the IDK refusal per forget question.
         num_workers: data-loader workers.
@@ -69,6 +75,7 @@ class TOFUDataModule(pl.LightningDataModule):
         eval_retain_size: int | None = None,
         max_length: int = 256,
         truth_ratio_question: str = "original",
+        world_sets: bool = True,
         mode: str = "max_size_cycle",
         seed: int = 0,
         num_workers: int = 0,
@@ -85,19 +92,21 @@ class TOFUDataModule(pl.LightningDataModule):
         )
         self.save_hyperparameters()
         self.tokenizer = load_tokenizer(tokenizer)
-        self.splits: TOFUSplits = load_tofu(path, forget_split, retain_split, holdout_split)
+        self.splits: TOFUSplits = load_tofu(path, forget_split, retain_split, holdout_split, world_sets)
 
     def train_dataloader(self) -> CombinedLoader:
         return forget_retain_loader(self.splits.forget, self.splits.retain, self.tokenizer, self.hparams)
 
     def eval_datasets(self) -> list[TOFUEvalDataset]:
-        """The forget, retain and hold-out evaluation sets, in the order of ``unlearn.metrics.SPLITS``."""
+        """The forget, retain, hold-out (and real-authors, world-facts) evaluation sets, in the order of ``unlearn.metrics.EVAL_SPLITS``."""
         hp, s = self.hparams, self.splits
         n = hp.eval_retain_size
         sets = [
             ("forget", s.forget_eval, s.paraphrased["forget"]),
             ("retain", s.retain_eval[:n], s.paraphrased["retain"][:n]),
             ("holdout", with_self_as_perturbed(s.holdout), None),
+            ("real_authors", s.real_authors, None),
+            ("world_facts", s.world_facts, None),
         ]
         return [
             TOFUEvalDataset(pairs, self.tokenizer, split, hp.max_length, hp.truth_ratio_question, base)
