@@ -27,7 +27,7 @@ synchronised around every step, median reported), with the peak allocated memory
   ``z = torch.normal(0, 1, size, dtype)`` and ``param.data = param.data + scale * z * eps``, for
   +1, -2, +1, then the update regenerates ``z`` again: 4 passes;
 * ``lozo`` / ``lozo_fused``: the LOZO rule (rank 2) on its torch path (exact) / on the fused Triton
-  path in place (:class:`~lightning_zobi.zo.fused_lowrank.FusedLOZO`: ``U Vᵀ`` drawn inside a tiled
+  path in place (:class:`~lightning_zobi.zo.fused.lozo.FusedLOZO`: ``U Vᵀ`` drawn inside a tiled
   kernel; the model guarded, so the next ``U Vᵀ`` is folded: 2 passes); ``lozo_fused_exact``: fused,
   exact perturbation (the default);
 * ``adamw``: first-order training step (forward + backward + fused ``torch.optim.AdamW``);
@@ -220,20 +220,20 @@ class _Bench:
             with torch.no_grad():
                 return _time(lambda: torch._foreach_mul_(params, 1.0), dev, warmup, steps)
         if name in KERNELS:
-            from lightning_zobi.zo import fused
+            from lightning_zobi.zo.fused import dense_kernel
 
             n_dirs, rounds, fast, warps, wide = KERNELS[name]
             dirs = FusedGaussianDirections(rounds=rounds, fast_math=fast)
             terms = [(DirectionKey(0, k, 0), 0.0) for k in range(n_dirs)]
-            defaults = fused.NUM_WARPS, fused.WIDE_MUL
-            fused.NUM_WARPS, fused.WIDE_MUL = warps, wide
+            defaults = dense_kernel.NUM_WARPS, dense_kernel.WIDE_MUL
+            dense_kernel.NUM_WARPS, dense_kernel.WIDE_MUL = warps, wide
             import numpy as np
 
             sr = np.arange(len(params), dtype=np.uint64) if name.endswith("_sr") else None
             try:
                 return _time(lambda: dirs.apply_(params, terms, sr_seeds=sr), dev, warmup, steps)
             finally:
-                fused.NUM_WARPS, fused.WIDE_MUL = defaults
+                dense_kernel.NUM_WARPS, dense_kernel.WIDE_MUL = defaults
         if name == "mezo":
             mezo = MeZOStyle(self.model, LR, EPS)
             return _time(lambda: mezo.step(self.closure), dev, warmup, steps)
@@ -415,10 +415,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"shape {shape} on {device}", flush=True)
         results["shapes"][shape] = run_shape(shape, variants, device, args.warmup, args.steps, args.repeat)
     if "triton" in results["meta"]:
-        from lightning_zobi.zo import fused
+        from lightning_zobi.zo.fused import dense_kernel
 
-        results["meta"]["fused_alignment_hints"] = fused._ALIGNED_OK
-        results["meta"]["fused_fast_math"] = fused._FAST_OK
+        results["meta"]["fused_alignment_hints"] = dense_kernel._ALIGNED_OK
+        results["meta"]["fused_fast_math"] = dense_kernel._FAST_OK
     out = args.out or Path(__file__).parent / "results" / (
         "zo_step_tiny.json" if args.tiny else "zo_step.json"
     )

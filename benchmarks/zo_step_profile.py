@@ -132,8 +132,9 @@ def sass_mix(device: torch.device) -> dict[str, Any]:
     """Opcode counts of the fused kernel's SASS for 1 and 2 directions, narrow and wide Philox multiply."""
     import numpy as np
 
-    from lightning_zobi.zo import fused
     from lightning_zobi.zo.directions import DirectionKey
+    from lightning_zobi.zo.fused import dense_kernel as fused
+    from lightning_zobi.zo.fused.tables import tensor_seeds
 
     out: dict[str, Any] = {}
     x = torch.zeros(1 << 16, device=device, dtype=torch.bfloat16)
@@ -141,7 +142,7 @@ def sass_mix(device: torch.device) -> dict[str, Any]:
     for nstream in (1, 2):
         for wide in (False, True):
             fused.WIDE_MUL = wide
-            seeds = fused.tensor_seeds(DirectionKey(0, 0, 0), [0])
+            seeds = tensor_seeds(DirectionKey(0, 0, 0), [0])
             compiled = fused._launch(
                 group, seeds, np.ones(1), seeds if nstream == 2 else None, np.ones(1), np.ones(1), True, 10
             )

@@ -16,7 +16,8 @@ pytest.importorskip("triton")
 
 from lightning_zobi.zo import ZOSGD, DirectionKey, build_optimizer  # noqa: E402
 from lightning_zobi.zo.estimators import Estimate  # noqa: E402
-from lightning_zobi.zo.fused import FusedGaussianDirections, FusedZOSGD, tensor_seeds, use_fused  # noqa: E402
+from lightning_zobi.zo.fused import FusedGaussianDirections, FusedZOSGD, use_fused  # noqa: E402
+from lightning_zobi.zo.fused.tables import tensor_seeds  # noqa: E402
 
 CUDA = pytest.param(
     "cuda",
@@ -33,7 +34,7 @@ def _z32(dirs: FusedGaussianDirections, p: torch.Tensor, index: int, key: Direct
 
 def test_tensor_seeds_match_derive_seed():
     from lightning_zobi.zo.directions import derive_seed
-    from lightning_zobi.zo.fused import derive_seeds
+    from lightning_zobi.zo.fused.tables import derive_seeds
 
     key = DirectionKey(11, 42, 3)
     idx = [0, 1, 7, 300, 2**40]

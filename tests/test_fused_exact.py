@@ -16,8 +16,13 @@ pytest.importorskip("triton")
 from lightning_zobi.quant.qzo_fused import FusedQZOOptimizer  # noqa: E402
 from lightning_zobi.zo import ZOSGD, DirectionKey  # noqa: E402
 from lightning_zobi.zo.estimators import Estimate  # noqa: E402
-from lightning_zobi.zo.fused import FusedGaussianDirections, FusedJustInTime, FusedZOSGD  # noqa: E402
-from lightning_zobi.zo.fused_lowrank import FusedLowRankDirections, FusedLOZO  # noqa: E402
+from lightning_zobi.zo.fused import (  # noqa: E402
+    FusedGaussianDirections,
+    FusedJustInTime,
+    FusedLowRankDirections,
+    FusedLOZO,
+    FusedZOSGD,
+)
 from lightning_zobi.zo.optim import LOZO  # noqa: E402
 
 CUDA = pytest.param(

@@ -16,9 +16,9 @@ from torch import nn
 pytest.importorskip("triton")
 
 from lightning_zobi.zo import LOZO, DirectionKey, derive_seed  # noqa: E402
-from lightning_zobi.zo import fused_lowrank as flr  # noqa: E402
-from lightning_zobi.zo.fused import FusedGaussianDirections  # noqa: E402
-from lightning_zobi.zo.fused_lowrank import FusedLowRankDirections, FusedLOZO, u_seeds, v_seeds  # noqa: E402
+from lightning_zobi.zo.fused import FusedGaussianDirections, FusedLowRankDirections, FusedLOZO  # noqa: E402
+from lightning_zobi.zo.fused import lowrank_kernel as flr  # noqa: E402
+from lightning_zobi.zo.fused.lowrank import u_seeds, v_seeds  # noqa: E402
 
 
 def _expected(dirs: FusedLowRankDirections, p0: torch.Tensor, index: int, terms, beta: float) -> torch.Tensor:

@@ -146,7 +146,7 @@ def test_zo_fo_hybrid_through_the_callback_trains_the_head_first_order(plain_mod
 def test_lozo_through_the_callback_on_the_fused_path():
     """``optimizer_kwargs={"fused": True}`` builds FusedLOZO (Triton's interpreter on CPU) and it trains."""
     pytest.importorskip("triton")
-    from lightning_zobi.zo.fused_lowrank import FusedLOZO
+    from lightning_zobi.zo.fused import FusedLOZO
 
     torch.manual_seed(0)
     module = PlainRegression(with_scheduler=False)

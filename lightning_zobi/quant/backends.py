@@ -27,7 +27,7 @@ def qzo_optimizer(
     ``kwargs`` go to :class:`QZOOptimizer` or :class:`~lightning_zobi.quant.qzo_fused.FusedQZOOptimizer`
     (``rounds``/``fast_math`` are fused-only and dropped on the torch path, so one recipe fits both).
     """
-    from lightning_zobi.zo.fused import use_fused  # lazy: Triton is imported only when asked
+    from lightning_zobi.zo.fused.runtime import use_fused  # lazy: Triton is imported only when asked
 
     tensors = params.tensors if isinstance(params, QuantScales) else list(params)
     if use_fused(fused, tensors):

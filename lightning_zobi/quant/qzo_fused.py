@@ -23,7 +23,7 @@ from torch import Tensor
 from lightning_zobi.quant.qzo import DEFAULT_CLIP, QZORule
 from lightning_zobi.quant.scales import QuantScales
 from lightning_zobi.zo.estimators import Estimate
-from lightning_zobi.zo.fused import FusedZOSGD
+from lightning_zobi.zo.fused.sgd import FusedZOSGD
 
 
 class FusedQZOOptimizer(QZORule, FusedZOSGD):

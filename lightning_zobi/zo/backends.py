@@ -2,7 +2,7 @@
 
 The rules (``zo/rules/``) are plain PyTorch and know nothing of their accelerated variants; this
 module maps a rule name to its class (:data:`OPTIMIZERS`) and, in :func:`build_optimizer`, swaps in
-the fused Triton class (``zo/fused.py``, ``zo/fused_lowrank.py``) when the parameters are on CUDA.
+the fused Triton class (``zo/fused/sgd.py``, ``zo/fused/lozo.py``) when the parameters are on CUDA.
 Sharded execution is a direction family (``zo/sharded.py``) and exact per-unit perturbation
 (``zo/perturbation.py``), chosen by the strategy. A new backend is one file plus one branch here.
 """
@@ -43,7 +43,7 @@ OPTIMIZERS: dict[str, type[ZOOptimizer]] = {
 
 
 FUSED_RULES = ("zo_sgd", "lozo")
-"""Rules with a fused CUDA path (``zo/fused.py``, ``zo/fused_lowrank.py``)."""
+"""Rules with a fused CUDA path (``zo/fused/sgd.py``, ``zo/fused/lozo.py``)."""
 FUSED_ONLY_KWARGS = ("lookahead", "rounds", "fast_math")
 """Arguments only the fused classes take; the torch path of a fused rule drops them."""
 
@@ -53,21 +53,21 @@ def select_optimizer(
 ) -> tuple[Callable[..., ZOOptimizer], list]:
     """``(constructor, params as a list)``: the fused class of ``cls`` when ``use_fused`` says so.
 
-    Fused classes exist for ZO-SGD (:class:`~lightning_zobi.zo.fused.FusedZOSGD`) and LOZO
-    (:class:`~lightning_zobi.zo.fused_lowrank.FusedLOZO`), imported only when asked (Triton). On
+    Fused classes exist for ZO-SGD (:class:`~lightning_zobi.zo.fused.sgd.FusedZOSGD`) and LOZO
+    (:class:`~lightning_zobi.zo.fused.lozo.FusedLOZO`), imported only when asked (Triton). On
     the torch path their constructors ignore the fused-only arguments (``lookahead``, ``rounds``,
     ``fast_math``), so one recipe runs on CPU and GPU alike.
     """
-    from lightning_zobi.zo.fused import use_fused  # lazy: Triton is imported only when asked
+    from lightning_zobi.zo.fused.runtime import use_fused  # lazy: Triton is imported only when asked
 
     params = list(params)
     if cls in (ZOSGD, LOZO):
         if use_fused(fused, params):
             if cls is ZOSGD:
-                from lightning_zobi.zo.fused import FusedZOSGD
+                from lightning_zobi.zo.fused.sgd import FusedZOSGD
 
                 return FusedZOSGD, params
-            from lightning_zobi.zo.fused_lowrank import FusedLOZO
+            from lightning_zobi.zo.fused.lozo import FusedLOZO
 
             return FusedLOZO, params
 
@@ -89,7 +89,7 @@ def build_optimizer(
 ) -> ZOOptimizer:
     """Instantiate the rule registered as ``name`` with a clear error for unknown names.
 
-    ``fused``: ``None`` picks the fused Triton path (``zo/fused.py``) for ``zo_sgd`` when every
+    ``fused``: ``None`` picks the fused Triton path (``zo/fused/``) for ``zo_sgd`` when every
     parameter is on CUDA; ``False`` keeps the torch reference path; ``True`` requires the fused one.
     """
     try:
