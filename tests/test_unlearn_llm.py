@@ -416,3 +416,16 @@ def test_load_weights_from_ckpt_and_safetensors(tmp_path):
         load_weights(build_causal_lm("tiny-opt"), tmp_path / "a.ckpt")
     with pytest.raises(ValueError, match="does not exist"):
         load_weights(src, tmp_path / "missing.ckpt")
+
+
+def test_npo_keeps_the_change_a_zo_difference_needs_on_a_confident_model():
+    """Near the reference NPO is (2/β)·log 2 ≈ 13.86 plus a change of order logp − ref_logp: in fp32
+    the ±1e-7 change a ZO difference sees on a model that knows its answers rounds to exactly 0."""
+    ref = torch.tensor([-1e-4, -2e-4, -3e-5])
+    plus, minus = npo_loss(ref + 1e-7, ref, 0.1), npo_loss(ref - 1e-7, ref, 0.1)
+    assert plus.dtype == torch.float64
+    # d/dΔ of -(2/β) logσ(-βΔ) at Δ = 0 is 1: the difference is 2e-7, to fp32's precision of Δ
+    assert float(plus - minus) == pytest.approx(2e-7, rel=1e-3)
+    n = torch.tensor([10, 10, 10])
+    s_plus, s_minus = simnpo_loss(ref * 10 + 1e-6, n, 2.5), simnpo_loss(ref * 10 - 1e-6, n, 2.5)
+    assert float(s_plus - s_minus) != 0.0

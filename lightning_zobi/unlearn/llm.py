@@ -168,10 +168,16 @@ def npo_loss(logp: Tensor, ref_logp: Tensor, beta: float) -> Tensor:
     ``logp``/``ref_logp``: per-sequence log-likelihoods ``(B,)`` of the model and the frozen
     reference. Equal to ``(2/β) log 2`` at the reference; → 0 as the forget answers become
     unlikely; its gradient is GA's times ``2 σ(β (logp - ref_logp))``, which fades as they do.
+
+    Computed in float64 (``B`` numbers, free): near the reference the loss is ``(2/β) log 2 ≈ 13.86``
+    plus a change of order ``logp - ref_logp``, which fp32 (ulp ≈ 1e-6 at 13.86) rounds away. A
+    zeroth-order step sees only the difference of two such losses, so on a model that knows its
+    answers well (``logp`` ≈ −1e-4) an fp32 NPO gives every ZO estimate exactly 0.
     """
     if not beta > 0:
         raise ValueError(f"beta={beta!r} is invalid: NPO's temperature must be > 0 (the paper uses 0.1).")
-    return -(2.0 / beta) * F.logsigmoid(-beta * (logp - ref_logp.detach())).mean()
+    delta = (logp - ref_logp.detach()).double()
+    return -(2.0 / beta) * F.logsigmoid(-beta * delta).mean()
 
 
 def simnpo_loss(logp_sum: Tensor, n_tokens: Tensor, beta: float, gamma: float = 0.0) -> Tensor:
@@ -183,7 +189,7 @@ def simnpo_loss(logp_sum: Tensor, n_tokens: Tensor, beta: float, gamma: float = 
         raise ValueError(
             f"beta={beta!r} is invalid: SimNPO's temperature must be > 0 (the paper uses 2.5 on TOFU)."
         )
-    avg_logp = logp_sum / n_tokens.clamp_min(1)
+    avg_logp = (logp_sum / n_tokens.clamp_min(1)).double()  # float64 as npo_loss: the log 2 offset
     return -(2.0 / beta) * F.logsigmoid(-beta * avg_logp - gamma).mean()
 
 
