@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -171,3 +172,37 @@ def test_recipe_runs_on_a_tiny_model(learned, tmp_path):
     assert not torch.equal(
         state["model.model.layers.0.mlp.up_proj.weight"], before["model.model.layers.0.mlp.up_proj.weight"]
     )
+
+
+# ---------------------------------------------------------------------------- ZO on an IA3 adapter
+def _ia3_module(learned: str, **kwargs) -> UnlearningModule:
+    return UnlearningModule("tiny-llama", objective="npo", alpha=5.0, ia3=True, init_from=learned, **kwargs)
+
+
+def test_ia3_adapter_trains_scales_only_and_uses_the_adapter_disabled_reference(learned, dm):
+    module = _ia3_module(learned)
+    trainable = [n for n, p in module.model.named_parameters() if p.requires_grad]
+    assert trainable and all("ia3_l" in n for n in trainable)
+    n_scales = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
+    assert n_scales < 0.02 * sum(p.numel() for p in module.model.parameters())
+    batch = next(iter(dm.train_dataloader()))[0]
+    # IA3 starts at scale 1 (the identity): the model is its own reference, NPO = (2/β) log 2
+    assert module.upper_loss(batch).item() == pytest.approx(2 / 0.1 * math.log(2), rel=1e-6)
+    base = {n: p.detach().clone() for n, p in module.model.named_parameters() if not p.requires_grad}
+    _fit(module, dm, [ZeroOrder(optimizer="zo_sign", lr=3e-2, eps=1e-3, seed=0)], steps=6)
+    assert all(torch.equal(p, base[n]) for n, p in module.model.named_parameters() if n in base)
+    assert any(not torch.equal(p, torch.ones_like(p)) for p in module.model.parameters() if p.requires_grad)
+    # the forward-only steps moved the forget answers away from the reference
+    assert module.upper_loss(batch).item() < 2 / 0.1 * math.log(2)
+
+
+def test_ia3_control_with_the_zo_part_off_is_the_learned_model(learned, dm):
+    module = _ia3_module(learned)
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    _fit(module, dm, [ZeroOrder(optimizer="zo_sign", lr=0.0, eps=1e-3, seed=0)], steps=3)
+    assert all(torch.equal(p, before[n]) for n, p in module.model.named_parameters())
+
+
+def test_one_adapter_at_a_time():
+    with pytest.raises(ValueError, match="choose one"):
+        CausalLMModule("tiny-llama", lora_r=4, ia3=True)

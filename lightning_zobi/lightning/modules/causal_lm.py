@@ -86,6 +86,45 @@ def add_lora(
     return get_peft_model(model, config)
 
 
+def add_ia3(model: nn.Module, target_modules: list[str] | None = None) -> nn.Module:
+    """Wrap ``model`` in a peft IA3 adapter (Liu et al., arXiv 2205.05638); only its scales require grad.
+
+    IA3 learns one scale per feature: the input of the MLP's down projection and the outputs of the
+    key/value projections (peft's per-architecture defaults when ``target_modules`` is None; a
+    ``down_proj``/``fc2``-style target scales its input). A few thousand numbers even on a large
+    model, which is what a zeroth-order estimate wants: its variance grows with the number of
+    perturbed parameters. ``merge_and_unload()`` folds the scales back into the weights.
+    """
+    from peft import IA3Config, get_peft_model
+
+    feedforward = None
+    if target_modules is not None:
+        feedforward = [m for m in target_modules if m in ("down_proj", "fc2", "w2", "c_proj")]
+    config = IA3Config(target_modules=target_modules, feedforward_modules=feedforward, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def add_adapter(
+    model: nn.Module,
+    lora_r: int = 0,
+    lora_alpha: int = 16,
+    lora_dropout: float = 0.0,
+    lora_target_modules: list[str] | None = None,
+    ia3: bool = False,
+    ia3_target_modules: list[str] | None = None,
+) -> nn.Module:
+    """The one adapter the arguments ask for (LoRA if ``lora_r > 0``, IA3 if ``ia3``), or ``model`` itself."""
+    if lora_r > 0 and ia3:
+        raise ValueError(
+            f"lora_r={lora_r} and ia3=True both ask for an adapter: choose one (lora_r=0 for IA3, ia3=False for LoRA)."
+        )
+    if lora_r > 0:
+        return add_lora(model, lora_r, lora_alpha, lora_dropout, lora_target_modules)
+    if ia3:
+        return add_ia3(model, ia3_target_modules)
+    return model
+
+
 class CausalLMModule(pl.LightningModule):
     """Fine-tune a causal LM on batches with ``input_ids``, ``attention_mask`` and ``labels``.
 
@@ -99,6 +138,8 @@ class CausalLMModule(pl.LightningModule):
         decay_steps: if > 0, the rate then decays linearly to 0 at this step (a full-training schedule).
         lora_r: LoRA rank (0 = no adapter, full-parameter training).
         lora_alpha, lora_dropout, lora_target_modules: peft LoRA settings.
+        ia3: train a peft IA3 adapter (one scale per feature) instead; ia3_target_modules: its
+            targets (None: peft's defaults for the architecture).
         dtype: weights dtype ("bfloat16", "float32"); None keeps the default.
         seed: weight seed for models built from a config.
     """
@@ -114,15 +155,17 @@ class CausalLMModule(pl.LightningModule):
         lora_alpha: int = 16,
         lora_dropout: float = 0.0,
         lora_target_modules: list[str] | None = None,
+        ia3: bool = False,
+        ia3_target_modules: list[str] | None = None,
         dtype: str | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         net = build_causal_lm(model, dtype=dtype, seed=seed)
-        if lora_r > 0:
-            net = add_lora(net, lora_r, lora_alpha, lora_dropout, lora_target_modules)
-        self.model = net
+        self.model = add_adapter(
+            net, lora_r, lora_alpha, lora_dropout, lora_target_modules, ia3, ia3_target_modules
+        )
 
     def forward(self, **batch: torch.Tensor) -> Any:
         return self.model(**batch)

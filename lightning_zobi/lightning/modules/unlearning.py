@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_zobi.lightning.datamodules.facts import load_tokenizer
-from lightning_zobi.lightning.modules.causal_lm import CausalLMModule, add_lora, build_causal_lm
+from lightning_zobi.lightning.modules.causal_lm import CausalLMModule, add_adapter, build_causal_lm
 from lightning_zobi.unlearn.llm import METHODS, UnlearningObjective, load_weights, untie_lm_head
 from lightning_zobi.unlearn.metrics import UnlearningEvaluator, score_batch
 
@@ -83,7 +83,8 @@ class UnlearningModule(CausalLMModule):
         retain_model_from: weights of a model trained on retain data only (enables forget quality).
         tokenizer: "bytes" or a local tokenizer path (decodes generations for the metrics).
         max_new_tokens: greedy-generation budget of the validation metrics.
-        lr, weight_decay, warmup_steps, lora_*, dtype, seed: as :class:`CausalLMModule`.
+        lr, weight_decay, warmup_steps, lora_*, ia3*, dtype, seed: as :class:`CausalLMModule`. With an
+            adapter (LoRA or IA3) the NPO/KL reference is the adapter-disabled model: no copy.
     """
 
     def __init__(
@@ -112,6 +113,8 @@ class UnlearningModule(CausalLMModule):
         lora_alpha: int = 16,
         lora_dropout: float = 0.0,
         lora_target_modules: list[str] | None = None,
+        ia3: bool = False,
+        ia3_target_modules: list[str] | None = None,
         dtype: str | None = None,
         seed: int = 0,
     ) -> None:
@@ -148,13 +151,14 @@ class UnlearningModule(CausalLMModule):
             load_weights(self.model, init_from)
         if untie_head:
             untie_lm_head(self.model)
-        if lora_r > 0:
-            self.model = add_lora(self.model, lora_r, lora_alpha, lora_dropout, lora_target_modules)
+        self.model = add_adapter(
+            self.model, lora_r, lora_alpha, lora_dropout, lora_target_modules, ia3, ia3_target_modules
+        )
         if trainable is not None:
             freeze_except(self.model, trainable)
         reference: nn.Module | None = None
         if self.objective.needs_reference:
-            if lora_r > 0:
+            if lora_r > 0 or ia3:
                 reference = _AdapterDisabled(self.model)
             else:
                 reference = copy.deepcopy(self.model).eval().requires_grad_(False)
