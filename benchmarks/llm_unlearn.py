@@ -66,6 +66,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import peft  # noqa: F401 - imported before any run's memory mark, so its import is not counted as the run's
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,6 +80,7 @@ from lightning_zobi.lightning.modules.causal_lm import build_causal_lm  # noqa: 
 from lightning_zobi.lightning.modules.unlearning import UnlearningModule  # noqa: E402
 from lightning_zobi.unlearn.llm import forward_only_fraction  # noqa: E402
 from lightning_zobi.unlearn.metrics import evaluate_model  # noqa: E402
+from lightning_zobi.zo import backends as _zo_backends  # noqa: E402,F401 - ZO rules imported up front, as peft
 
 
 # ---------------------------------------------------------------------------- configurations
@@ -133,6 +135,16 @@ CONFIGS: dict[str, Config] = {
         learn_steps=700,  # under-trains (final loss 0.17, retain EM 0.49): raise it, see RESULTS.md
         unlearn_steps=120,
     ),
+    # 0.47 M parameters, 200 people: 50 forget (200 questions), 130 retain (520), 20 hold-out (80);
+    # learned to retain EM 1.0 so that unlearning starts from a model that knows its facts
+    "mid": Config(
+        model=llama(128, 2, 384),
+        num_people=200,
+        forget_fraction=0.25,
+        holdout_fraction=0.1,
+        learn_steps=12000,
+        unlearn_steps=300,
+    ),
     # smoke test: 0.2 M parameters, 40 people, short runs, 2 seeds
     "quick": Config(
         model=llama(64, 2, 128),
@@ -147,13 +159,33 @@ CONFIGS: dict[str, Config] = {
     ),
 }
 
-# Unlearning methods: NPO + retain NLL (Zhang et al., arXiv 2404.05868) trained four ways.
-#   mode FO: AdamW on every weight (backward through the whole network).
-#   mode ZO: ``ZeroOrder`` callback; ``zo_fo_hybrid`` = AdamW on the untied ``lm_head`` (the backward
-#            stops at the head) + ZO-SGD on the body; ``zo_adam`` = forward passes only.
-#   mode control: the ZO row with its forward-only part switched off (only the FO head trains).
+# Unlearning methods: NPO + α·retain NLL (Zhang et al., arXiv 2404.05868), trained these ways.
+#   npo_fo:        first-order AdamW on every weight (backward through the whole network): the bar.
+#   npo_fo_ia3:    first-order AdamW on a peft IA3 adapter (backward through the whole network): what the
+#                  adapter can express, so that a ZO failure is read as optimisation, not capacity.
+#   npo_zo_ia3:    ZeroOrder(zo_sign) on the IA3 adapter: forward passes only; the NPO reference is the
+#                  adapter-disabled model (no copy). The adapter is merged into the weights before scoring.
+#   npo_zo_ia3_control: the same run with its forward-only part switched off (ZO lr 0; bit-identical to
+#                  the learned model, tests/test_unlearn_zo_method.py), so a few steps stand for all.
+#   npo_zo_head / _control: the first-order-head + ZO-body hybrid of the earlier sweep (cpu config).
 METHODS: dict[str, dict[str, Any]] = {
-    "npo_fo": dict(mode="FO", lr=4e-5),
+    "npo_fo": dict(mode="FO", lr=1e-4),
+    "npo_fo_ia3": dict(mode="FO", lr=1e-2, module=dict(ia3=True)),
+    "npo_zo_ia3": dict(
+        mode="ZO",
+        lr=1e-2,
+        steps=3000,
+        module=dict(ia3=True),
+        zo=dict(optimizer="zo_sign", lr=1e-2, eps=1e-3),
+        control="npo_zo_ia3_control",
+    ),
+    "npo_zo_ia3_control": dict(
+        mode="control",
+        lr=0.0,
+        steps=30,
+        module=dict(ia3=True),
+        zo=dict(optimizer="zo_sign", lr=0.0, eps=1e-3),
+    ),
     "npo_zo_head": dict(
         mode="ZO",
         lr=1e-4,
@@ -166,10 +198,10 @@ METHODS: dict[str, dict[str, Any]] = {
         control="npo_zo_head_control",
     ),
     "npo_zo_head_control": dict(mode="control", lr=1e-4, trainable=r"(^|\.)lm_head\."),
-    "npo_zo": dict(mode="ZO", lr=1e-5, zo=dict(optimizer="zo_adam", lr=1e-5, eps=1e-3)),
 }
-"""Rates: the seed-0 sweep of RESULTS.md ("issue 23") on the ``cpu`` configuration (120 steps, α 5)."""
-OBJECTIVE = dict(objective="npo", alpha=5.0, beta=0.1)
+"""Rates: the probe of ``benchmarks/llm_unlearn_probe.py`` on the learned ``quick`` model (RESULTS.md, issue 23)."""
+DEFAULT_METHODS = ("npo_fo", "npo_fo_ia3", "npo_zo_ia3", "npo_zo_ia3_control")
+OBJECTIVE = dict(objective="npo", alpha=30.0, beta=0.1)
 
 
 def cache_dir(name: str, cfg: Config) -> Path:
@@ -263,13 +295,13 @@ def run_tasks(tasks: list[tuple[Any, tuple]], jobs: int, done: Any = None) -> li
 
 
 # ---------------------------------------------------------------------------- stage 1: learn
-def learn(cfg: Config, split: str, path: Path, threads: int) -> dict[str, Any]:
+def learn(cfg: Config, split: str, path: Path, threads: int, device: str = "cpu") -> dict[str, Any]:
     """First-order AdamW on ``split`` ("train" = forget + retain, or "retain"), saved to ``path``."""
     set_determinism(threads)
     torch.manual_seed(cfg.data_seed)
     splits, tok = splits_of(cfg), load_tokenizer("bytes")
     pairs = splits.train if split == "train" else splits.retain
-    model = build_causal_lm(cfg.model, seed=cfg.data_seed).train()
+    model = build_causal_lm(cfg.model, seed=cfg.data_seed).to(device).train()
     data = QADataset(pairs, tok, cfg.max_length)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learn_lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -280,7 +312,7 @@ def learn(cfg: Config, split: str, path: Path, threads: int) -> dict[str, Any]:
     step, start, loss = 0, time.perf_counter(), float("nan")
     while step < cfg.learn_steps:
         for batch in loader:
-            loss_t = model(**batch).loss
+            loss_t = model(**{k: v.to(device) for k, v in batch.items()}).loss
             loss_t.backward()
             opt.step()
             sched.step()
@@ -370,8 +402,14 @@ def unlearn(
     seed: int,
     reference: torch.Tensor,
     threads: int,
+    accelerator: str = "cpu",
 ) -> dict[str, Any]:
-    """One unlearning run (peak RSS of the fit measured in this process), then its scores and attacks."""
+    """One unlearning run (peak memory of the fit measured in this process), then its scores and attacks.
+
+    CPU: the peak RSS above the process's start (everything the fit allocates, Lightning's own objects
+    included); GPU: ``torch.cuda.max_memory_allocated`` over the fit (tensors only: weights, reference,
+    gradients, optimizer state, activations), the figure that compares methods on a small model.
+    """
     set_determinism(threads)
     base_kib = reset_peak_rss()
     pl.seed_everything(seed, verbose=False)
@@ -382,6 +420,7 @@ def unlearn(
         trainable=spec.get("trainable"),
         seed=cfg.data_seed,
         **{**OBJECTIVE, **spec.get("objective", {})},
+        **spec.get("module", {}),
     )
     data = UnlearningDataModule(
         num_people=cfg.num_people,
@@ -397,7 +436,8 @@ def unlearn(
     if zo is not None:
         callbacks.append(ZeroOrder(seed=seed, **zo))
     trainer = pl.Trainer(
-        accelerator="cpu",
+        accelerator=accelerator,
+        devices=1,
         max_steps=spec.get("steps", cfg.unlearn_steps),
         logger=False,
         enable_checkpointing=False,
@@ -407,16 +447,24 @@ def unlearn(
         num_sanity_val_steps=0,
         callbacks=callbacks,
     )
+    if accelerator == "gpu":
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     trainer.fit(module, data)
     wall = time.perf_counter() - start
-    peak_mib = (peak_rss_kib() - base_kib) / 1024
+    if accelerator == "gpu":
+        peak_mib = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mib = (peak_rss_kib() - base_kib) / 1024
     fo_regex = None
     if zo is not None and zo["optimizer"] == "zo_fo_hybrid":
         fo_regex = zo["optimizer_kwargs"]["fo_params"]
-    elif spec["mode"] != "ZO":
+    elif spec["mode"] == "FO" or (spec["mode"] == "control" and zo is None):
         fo_regex = spec.get("trainable") or ""
-    model = module.model.eval()
+    model = module.model
+    if hasattr(model, "merge_and_unload"):  # a peft adapter: fold it into the weights the attacks then see
+        model = model.merge_and_unload()
+    model = model.eval()
     splits, tok = splits_of(cfg), load_tokenizer("bytes")
     metrics, _ = score_all(model, cfg, splits, tok, reference, seed)
     return {
@@ -425,7 +473,7 @@ def unlearn(
         "seed": seed,
         "steps": trainer.global_step,
         "wall_s": round(wall, 1),
-        "peak_rss_mib": round(peak_mib, 1),
+        "peak_mib": round(peak_mib, 1),
         "forward_only_fraction": round(forward_only_fraction(model, fo_regex), 4),
         **{k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()},
     }
@@ -451,7 +499,7 @@ KEYS = (
     "mia_auc",
     "forget/truth_ratio",
     "model_utility",
-    "peak_rss_mib",
+    "peak_mib",
     "wall_s",
     "relearn/forget_em_rest",
     "nf4/forget/em",
@@ -481,14 +529,14 @@ def checks(s: dict, retain_only_forget: float, learned_retain: float, fo_peak: f
         "retain_at_least_90pct_of_learned": s["retain/em"]["mean"] >= 0.9 * learned_retain - 1e-9,
         "forget_quality_mean": s["forget_quality"]["mean"],
         "forget_quality_at_least_0.05": s["forget_quality"]["mean"] >= 0.05,
-        "peak_rss_mib_mean": s["peak_rss_mib"]["mean"],
+        "peak_mib_mean": s["peak_mib"]["mean"],
         "forward_only_fraction": s["forward_only_fraction"],
     }
     quality = [k for k in c if k.startswith(("forget_within", "retain_at", "forget_quality_at"))]
     c["quality_passes"] = all(c[k] for k in quality)
     if fo_peak is not None:
-        c["fo_peak_rss_mib_mean"] = fo_peak
-        c["peak_at_most_half_of_fo"] = s["peak_rss_mib"]["mean"] <= 0.5 * fo_peak
+        c["fo_peak_mib_mean"] = fo_peak
+        c["peak_at_most_half_of_fo"] = s["peak_mib"]["mean"] <= 0.5 * fo_peak
         c["forward_only_at_least_90pct"] = s["forward_only_fraction"] >= 0.9
         c["passes"] = (
             c["quality_passes"] and c["peak_at_most_half_of_fo"] and c["forward_only_at_least_90pct"]
@@ -498,10 +546,10 @@ def checks(s: dict, retain_only_forget: float, learned_retain: float, fo_peak: f
 
 def acceptance(summary: dict, retain_only_forget: float, learned_retain: float) -> dict:
     fo = summary.get("npo_fo")
-    fo_peak = fo["peak_rss_mib"]["mean"] if fo else None
+    fo_peak = fo["peak_mib"]["mean"] if fo else None
     block: dict[str, Any] = {
         "bar": "means over seeds: forget EM within ±0.05 of retain-only; retain EM >= 0.9 x learned; forget "
-        "quality (KS p) >= 0.05; ZO peak RSS <= 0.5 x FO's; >= 90 % of parameters forward-only; the control "
+        "quality (KS p) >= 0.05; ZO peak memory <= 0.5 x FO's; >= 90 % of parameters forward-only; the control "
         "(forward-only part switched off) must not pass",
         "retain_only_forget_em": retain_only_forget,
         "learned_retain_em": learned_retain,
@@ -532,9 +580,9 @@ def acceptance(summary: dict, retain_only_forget: float, learned_retain: float) 
 # ---------------------------------------------------------------------------- main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="cpu", choices=sorted(CONFIGS))
+    parser.add_argument("--config", default="mid", choices=sorted(CONFIGS))
     parser.add_argument(
-        "--methods", nargs="+", default=list(METHODS), help=f"of {sorted(METHODS)} (or --set ones)"
+        "--methods", nargs="+", default=list(DEFAULT_METHODS), help=f"of {sorted(METHODS)} (or --set ones)"
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: the config's")
     parser.add_argument("--steps", type=int, default=None, help="override every method's unlearning steps")
@@ -548,14 +596,22 @@ def main() -> None:
     parser.add_argument("--no-attacks", action="store_true", help="skip the relearning and nf4 attacks")
     parser.add_argument("--learn-only", action="store_true", help="only learn and cache the two models")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument(
+        "--accelerator",
+        default="cpu",
+        choices=["cpu", "gpu"],
+        help="where the unlearning runs (learning: CPU)",
+    )
     parser.add_argument("--jobs", type=int, default=2, help="processes run side by side")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "llm_unlearn.json"))
     args = parser.parse_args()
     cfg = CONFIGS[args.config]
     if args.seeds:
         cfg.seeds = tuple(args.seeds)
-    if args.steps:
+    if args.steps:  # every method, also those with steps of their own
         cfg.unlearn_steps = args.steps
+        for spec in METHODS.values():
+            spec.pop("steps", None)
     cfg.attacks = not args.no_attacks
     for item in args.set:
         key, _, value = item.partition("=")
@@ -592,7 +648,10 @@ def main() -> None:
     reference = first[1]
     runs = [(name, seed) for seed in cfg.seeds for name in args.methods]
     tasks = [(score_fixed, (cfg, p, reference, args.threads, cfg.seeds)) for p in (learned, retain_only)]
-    tasks += [(unlearn, (n, METHODS[n], cfg, learned, s, reference, args.threads)) for n, s in runs]
+    tasks += [
+        (unlearn, (n, METHODS[n], cfg, learned, s, reference, args.threads, args.accelerator))
+        for n, s in runs
+    ]
     results = run_tasks(tasks, args.jobs, lambda i, r: print(f"done {i}: {r if i >= 2 else ''}", flush=True))
     for r in results[:2]:
         if isinstance(r, Exception):
@@ -612,7 +671,11 @@ def main() -> None:
     result = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"torch threads {args.threads} x {args.jobs} processes, torch {torch.__version__})",
+        f"torch threads {args.threads} x {args.jobs} processes, torch {torch.__version__})"
+        + (f"; unlearning on {torch.cuda.get_device_name(0)}" if args.accelerator == "gpu" else ""),
+        "memory": "torch.cuda.max_memory_allocated over the fit"
+        if args.accelerator == "gpu"
+        else "peak RSS above the run process's start (VmHWM)",
         "command": "python " + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "config": {"name": args.config, **asdict(cfg)},
         "parameters": sum(p.numel() for p in build_causal_lm(cfg.model).parameters()),
@@ -633,7 +696,7 @@ def main() -> None:
         print(
             f"{name:>22} {s['mode']:>7}  forget EM {s['forget/em']['mean']:.3f}±{s['forget/em']['ci95']:.3f}  "
             f"retain EM {s['retain/em']['mean']:.3f}±{s['retain/em']['ci95']:.3f}  "
-            f"FQ {s['forget_quality']['mean']:.3g}  peak {s['peak_rss_mib']['mean']:.0f} MiB"
+            f"FQ {s['forget_quality']['mean']:.3g}  peak {s['peak_mib']['mean']:.0f} MiB"
             + (
                 f"  relearn {s['relearn/forget_em_rest']['mean']:.3f}  nf4 forget {s['nf4/forget/em']['mean']:.3f}"
                 if "nf4/forget/em" in s
