@@ -206,3 +206,26 @@ def test_ia3_control_with_the_zo_part_off_is_the_learned_model(learned, dm):
 def test_one_adapter_at_a_time():
     with pytest.raises(ValueError, match="choose one"):
         CausalLMModule("tiny-llama", lora_r=4, ia3=True)
+
+
+def test_ia3_recipe_runs_on_a_tiny_model(learned, tmp_path):
+    config = yaml.safe_load((ROOT / "recipes" / "llm" / "unlearn_npo_zo_ia3.yaml").read_text())
+    args = config["model"]["init_args"]
+    assert args["ia3"] is True
+    zo = next(cb for cb in config["trainer"]["callbacks"] if cb["class_path"].endswith("ZeroOrder"))
+    assert zo["init_args"]["optimizer"] == "zo_sign"
+    args.update(init_from=learned, retain_model_from=learned, max_new_tokens=4)
+    config["data"]["init_args"].update(num_people=10, forget_batch_size=2, retain_batch_size=2, max_length=48)
+    trainer = config["trainer"]
+    trainer.update(max_steps=3, val_check_interval=3, default_root_dir=str(tmp_path), enable_progress_bar=False)
+    trainer["logger"] = False
+    trainer["callbacks"][0]["init_args"]["dirpath"] = str(tmp_path)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(config))
+    zobi(["fit", "--config", str(path)])
+    state = torch.load(tmp_path / "unlearned.ckpt", weights_only=True)["state_dict"]
+    before = torch.load(learned, weights_only=True)["state_dict"]
+    scales = {k: v for k, v in state.items() if "ia3_l" in k}
+    assert scales and any(not torch.equal(v, torch.ones_like(v)) for v in scales.values())
+    base = "model.base_model.model.model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(state[base], before["model.model.layers.0.mlp.up_proj.weight"])
