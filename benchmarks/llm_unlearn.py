@@ -262,13 +262,15 @@ def _run_to_file(fn: Any, args: tuple, path: str) -> None:
         pickle.dump(result, f)
 
 
-def run_tasks(tasks: list[tuple[Any, tuple]], jobs: int, done: Any = None) -> list[Any]:
+def run_tasks(
+    tasks: list[tuple[Any, tuple]], jobs: int, done: Any = None, start_method: str = "fork"
+) -> list[Any]:
     """Run ``fn(*args)`` of each task in its own forked process (own peak RSS), ``jobs`` at a time.
 
     Returns the results in order; a task that raised gives an ``Exception`` in its place.
     ``done(index, result)`` is called as each task finishes (progress output).
     """
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context(start_method)  # "spawn" for CUDA runs: a forked child cannot initialise CUDA
     results: list[Any] = [None] * len(tasks)
     with tempfile.TemporaryDirectory() as tmp:
         pending, running = list(enumerate(tasks)), []
@@ -652,7 +654,12 @@ def main() -> None:
         (unlearn, (n, METHODS[n], cfg, learned, s, reference, args.threads, args.accelerator))
         for n, s in runs
     ]
-    results = run_tasks(tasks, args.jobs, lambda i, r: print(f"done {i}: {r if i >= 2 else ''}", flush=True))
+    results = run_tasks(
+        tasks,
+        args.jobs,
+        lambda i, r: print(f"done {i}: {r if i >= 2 else ''}", flush=True),
+        "spawn" if args.accelerator == "gpu" else "fork",
+    )
     for r in results[:2]:
         if isinstance(r, Exception):
             raise r
