@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -148,25 +149,34 @@ def test_control_is_the_hybrid_with_its_forward_only_part_off(learned, dm):
     assert not torch.equal(hybrid.model.lm_head.weight, start.lm_head.weight)
 
 
-def test_recipe_runs_on_a_tiny_model(learned, tmp_path):
-    config = yaml.safe_load(RECIPE.read_text())
-    args = config["model"]["init_args"]
-    assert args["untie_head"] is True
-    zo = next(cb for cb in config["trainer"]["callbacks"] if cb["class_path"].endswith("ZeroOrder"))
-    assert zo["init_args"]["optimizer"] == "zo_fo_hybrid"
-    args.update(init_from=learned, retain_model_from=learned, max_new_tokens=4)
+def _run_recipe(path: Path, learned: str, tmp_path: Path, check: Any) -> tuple[dict, dict]:
+    """Run a recipe for 3 steps on the tiny model (``check(config)`` first); its checkpoint and the learned one."""
+    config = yaml.safe_load(path.read_text())
+    check(config)
+    config["model"]["init_args"].update(init_from=learned, retain_model_from=learned, max_new_tokens=4)
     config["data"]["init_args"].update(num_people=10, forget_batch_size=2, retain_batch_size=2, max_length=48)
     trainer = config["trainer"]
-    trainer.update(
-        max_steps=3, val_check_interval=3, default_root_dir=str(tmp_path), enable_progress_bar=False
-    )
+    trainer.update(max_steps=3, val_check_interval=3, default_root_dir=str(tmp_path), enable_progress_bar=False)
     trainer["logger"] = False
     trainer["callbacks"][0]["init_args"]["dirpath"] = str(tmp_path)
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(config))
-    zobi(["fit", "--config", str(path)])
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(config))
+    zobi(["fit", "--config", str(recipe)])
     state = torch.load(tmp_path / "unlearned.ckpt", weights_only=True)["state_dict"]
-    before = torch.load(learned, weights_only=True)["state_dict"]
+    return state, torch.load(learned, weights_only=True)["state_dict"]
+
+
+def _zo_rule(config: dict) -> str:
+    zo = next(cb for cb in config["trainer"]["callbacks"] if cb["class_path"].endswith("ZeroOrder"))
+    return zo["init_args"]["optimizer"]
+
+
+def test_recipe_runs_on_a_tiny_model(learned, tmp_path):
+    def check(config: dict) -> None:
+        assert config["model"]["init_args"]["untie_head"] is True
+        assert _zo_rule(config) == "zo_fo_hybrid"
+
+    state, before = _run_recipe(RECIPE, learned, tmp_path, check)
     assert not torch.equal(state["model.lm_head.weight"], state["model.model.embed_tokens.weight"])
     assert not torch.equal(state["model.lm_head.weight"], before["model.model.embed_tokens.weight"])
     assert not torch.equal(
@@ -209,22 +219,12 @@ def test_one_adapter_at_a_time():
 
 
 def test_ia3_recipe_runs_on_a_tiny_model(learned, tmp_path):
-    config = yaml.safe_load((ROOT / "recipes" / "llm" / "unlearn_npo_zo_ia3.yaml").read_text())
-    args = config["model"]["init_args"]
-    assert args["ia3"] is True
-    zo = next(cb for cb in config["trainer"]["callbacks"] if cb["class_path"].endswith("ZeroOrder"))
-    assert zo["init_args"]["optimizer"] == "zo_sign"
-    args.update(init_from=learned, retain_model_from=learned, max_new_tokens=4)
-    config["data"]["init_args"].update(num_people=10, forget_batch_size=2, retain_batch_size=2, max_length=48)
-    trainer = config["trainer"]
-    trainer.update(max_steps=3, val_check_interval=3, default_root_dir=str(tmp_path), enable_progress_bar=False)
-    trainer["logger"] = False
-    trainer["callbacks"][0]["init_args"]["dirpath"] = str(tmp_path)
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(config))
-    zobi(["fit", "--config", str(path)])
-    state = torch.load(tmp_path / "unlearned.ckpt", weights_only=True)["state_dict"]
-    before = torch.load(learned, weights_only=True)["state_dict"]
+    def check(config: dict) -> None:
+        assert config["model"]["init_args"]["ia3"] is True
+        assert _zo_rule(config) == "zo_sign"
+
+    recipe = ROOT / "recipes" / "llm" / "unlearn_npo_zo_ia3.yaml"
+    state, before = _run_recipe(recipe, learned, tmp_path, check)
     scales = {k: v for k, v in state.items() if "ia3_l" in k}
     assert scales and any(not torch.equal(v, torch.ones_like(v)) for v in scales.values())
     base = "model.base_model.model.model.layers.0.mlp.up_proj.weight"
