@@ -229,3 +229,13 @@ def test_ia3_recipe_runs_on_a_tiny_model(learned, tmp_path):
     assert scales and any(not torch.equal(v, torch.ones_like(v)) for v in scales.values())
     base = "model.base_model.model.model.layers.0.mlp.up_proj.weight"
     assert torch.equal(state[base], before["model.model.layers.0.mlp.up_proj.weight"])
+
+
+def test_ia3_targets_given_scale_the_feed_forward_input():
+    from lightning_zobi.lightning.modules.causal_lm import add_ia3
+
+    model = add_ia3(build_causal_lm("tiny-llama"), ["down_proj", "v_proj"])
+    down = model.base_model.model.model.layers[0].mlp.down_proj
+    v = model.base_model.model.model.layers[0].self_attn.v_proj
+    assert down.is_feedforward and not v.is_feedforward
+    assert down.ia3_l["default"].shape == (1, down.in_features)

@@ -90,16 +90,19 @@ def add_ia3(model: nn.Module, target_modules: list[str] | None = None) -> nn.Mod
     """Wrap ``model`` in a peft IA3 adapter (Liu et al., arXiv 2205.05638); only its scales require grad.
 
     IA3 learns one scale per feature: the input of the MLP's down projection and the outputs of the
-    key/value projections (peft's per-architecture defaults when ``target_modules`` is None; a
-    ``down_proj``/``fc2``-style target scales its input). A few thousand numbers even on a large
-    model, which is what a zeroth-order estimate wants: its variance grows with the number of
-    perturbed parameters. ``merge_and_unload()`` folds the scales back into the weights.
+    key/value projections (peft's per-architecture defaults when ``target_modules`` is None; of
+    given targets, those peft lists as the architecture's feed-forward modules scale their input).
+    A few thousand numbers even on a large model, which is what a zeroth-order estimate wants: its
+    variance grows with the number of perturbed parameters. ``merge_and_unload()`` folds the scales
+    back into the weights.
     """
     from peft import IA3Config, get_peft_model
+    from peft.utils import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FEEDFORWARD
 
     feedforward = None
     if target_modules is not None:
-        feedforward = [m for m in target_modules if m in ("down_proj", "fc2", "w2", "c_proj")]
+        known = FEEDFORWARD.get(getattr(getattr(model, "config", None), "model_type", ""), [])
+        feedforward = [m for m in target_modules if m in known]
     config = IA3Config(target_modules=target_modules, feedforward_modules=feedforward, task_type="CAUSAL_LM")
     return get_peft_model(model, config)
 

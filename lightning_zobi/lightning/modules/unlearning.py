@@ -73,7 +73,7 @@ class UnlearningModule(CausalLMModule):
         term_kwargs: hyper-parameters of a registered forget term (e.g. ``{"beta": 10.0}`` for
             UNDIAL, ``{"beta1": 5.0, "beta2": 1.0}`` for SatImp), over open-unlearning's defaults.
         trainable: regex over parameter names; only matching parameters train (RMU updates a few
-            layers only). None: all (or the LoRA adapter).
+            layers only). None: all (or the LoRA / IA3 adapter).
         untie_head: give the model an output head of its own (a copy of the input embedding it was
             tied to) after ``init_from`` is loaded. A first-order update of a tied head back-propagates
             through the whole network; an untied one stops at the head, which is what the
